@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Installs what Kybernate needs on a Debian bookworm node (run as root). Idempotent: every step checks
+# first and says whether it did anything. Used by `make deps`, which `make test` and `make demo` run.
+set -euo pipefail
+
+CRIU_MIN_MAJOR=4
+CRIU_VERSION=4.1.1
+BUILD_DIR=${KYBERNATE_BUILD_DIR:-/var/cache/kybernate/build}
+PREFIX=${KYBERNATE_PREFIX:-/usr/local}
+
+say() { printf '[deps] %s\n' "$*"; }
+die() { printf '[deps] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (it installs packages and builds CRIU); try: sudo make deps"
+command -v apt-get >/dev/null || die "apt-get not found: make deps supports Debian/Ubuntu; install containerd, runc, iptables, protoc and CRIU >= 4 by hand"
+
+# Packages: runtime (containerd, runc, iptables), build (protoc), test images (busybox-static),
+# and CRIU's build dependencies.
+PACKAGES=(
+  containerd runc iptables protobuf-compiler busybox-static xz-utils ca-certificates build-essential pkg-config
+  libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev libnl-3-dev libnet1-dev libcap-dev libbsd-dev
+  libaio-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev git
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "packages: all present"
+fi
+
+criu_major() { criu --version 2>/dev/null | sed -n 's/^Version: \([0-9]*\)\..*/\1/p'; }
+if command -v criu >/dev/null && [ "$(criu_major || echo 0)" -ge "$CRIU_MIN_MAJOR" ] 2>/dev/null; then
+  say "criu: $(criu --version | head -1) already on PATH ($(command -v criu)), nothing to build"
+else
+  say "criu: building CRIU $CRIU_VERSION from source (Debian bookworm's 3.17 fails on recent kernels)"
+  mkdir -p "$BUILD_DIR"
+  tarball="$BUILD_DIR/criu_${CRIU_VERSION}.orig.tar.xz"
+  if [ ! -s "$tarball" ]; then
+    src_list=/etc/apt/sources.list.d/kybernate-trixie-src.sources
+    if [ ! -f "$src_list" ]; then
+      say "adding a deb-src entry for Debian trixie (source packages only) to fetch CRIU's tarball"
+      cat >"$src_list" <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    apt-get update -qq
+    # The .dsc can be missing from the mirror; the orig tarball is what we need, so tolerate that failure.
+    (cd "$BUILD_DIR" && apt-get source --download-only -qq "criu/trixie" >/dev/null 2>&1 || true)
+    [ -s "$tarball" ] || die "could not download criu_${CRIU_VERSION}.orig.tar.xz from Debian trixie sources; download it into $BUILD_DIR by hand and re-run make deps"
+  fi
+  src="$BUILD_DIR/criu-$CRIU_VERSION"
+  rm -rf "$src" && tar -C "$BUILD_DIR" -xf "$tarball"
+  make -C "$src" -j"$(nproc)" criu >"$BUILD_DIR/criu-build.log" 2>&1 || die "CRIU build failed; see $BUILD_DIR/criu-build.log"
+  install -m 0755 "$src/criu/criu" "$PREFIX/sbin/criu"
+  hash -r
+  say "criu: installed $("$PREFIX/sbin/criu" --version | head -1) at $PREFIX/sbin/criu"
+fi
+
+if criu check >/dev/null 2>&1; then
+  say "criu check: ok"
+else
+  criu check 2>&1 | tail -5 >&2 || true
+  die "criu check failed on this kernel (output above); CRIU cannot checkpoint here"
+fi
+
+say "done"
