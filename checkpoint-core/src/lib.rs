@@ -1,0 +1,38 @@
+//! # checkpoint-core
+//!
+//! Checkpoint and restore of live workloads for Kybernate: CRIU for process trees, runc for containers,
+//! the CUDA checkpoint API for GPU state, and the self-describing checkpoint bundle.
+//!
+//! The library knows nothing about containerd, Kubernetes or object stores: it takes typed options and
+//! paths. Every operation either succeeds and reports timings and sizes, or fails with an error that
+//! names the object and the fix while the workload keeps running.
+//!
+//! ```no_run
+//! use checkpoint_core::{checkpoint_process, restore_process, CheckpointOptions, Criu, RestoreOptions};
+//! # fn main() -> Result<(), checkpoint_core::Error> {
+//! let criu = Criu::from_path();
+//! criu.probe()?; // version, `criu check`, optional kernel features
+//! let opts = CheckpointOptions::default();
+//! let report = checkpoint_process(&criu, 4242, "/tmp/images".as_ref(), &opts)?;
+//! println!("froze for {:?}, wrote {} bytes", report.timings.frozen, report.image_bytes);
+//! let restored = restore_process(&criu, "/tmp/images".as_ref(), &RestoreOptions::matching(&opts))?;
+//! println!("running again as pid {}", restored.pid);
+//! # Ok(()) }
+//! ```
+
+pub mod bundle;
+pub mod criu;
+mod error;
+mod exec;
+mod fsutil;
+mod options;
+pub mod process;
+mod report;
+pub mod runc;
+
+pub use criu::{Criu, CriuInfo, CriuVersion, Feature};
+pub use error::{Error, Result, ToolFailure};
+pub use options::{CgroupsMode, CheckpointOptions, CriuFlags, EmptyNamespace, RestoreOptions, DEFAULT_RESTORE_TIMEOUT};
+pub use process::{checkpoint_process, restore_process};
+pub use report::{CheckpointReport, CheckpointTimings, RestoreReport, RestoreTimings};
+pub use runc::{checkpoint_container, restore_container, ContainerRestore, RestoreIo, Runc};
