@@ -1,0 +1,162 @@
+//! checkpoint-core against real runc and CRIU: a container built from a local busybox rootfs is
+//! checkpointed and restored with its in-memory counter intact; failures leave it running.
+
+use std::path::Path;
+
+use checkpoint_core::{
+    checkpoint_container, restore_container, CheckpointOptions, ContainerRestore, Criu, Error, RestoreIo,
+    RestoreOptions, Runc,
+};
+use kybernate_tests::{busybox_bundle, read_counter, wait_counter_past, RuncContainer, COUNTER_SCRIPT};
+
+fn start(dir: &Path, id: &str) -> (Runc, RuncContainer) {
+    let root = dir.join("runc-root");
+    let bundle = busybox_bundle(&dir.join("bundle"), &["/bin/sh", "-c", COUNTER_SCRIPT]).unwrap();
+    let container = RuncContainer::run(&root, id, &bundle).unwrap();
+    wait_counter_past(&bundle, 3).unwrap();
+    (Runc::new("runc", Some(root)), container)
+}
+
+#[test]
+fn container_is_checkpointed_and_restored_with_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-restore");
+    let criu = Criu::from_path();
+
+    // Leave-running: a snapshot while the container keeps counting.
+    let opts = CheckpointOptions { leave_running: true, ..Default::default() };
+    let snap = checkpoint_container(&runc, &criu, "ck-restore", &dir.path().join("snapshot"), &opts).unwrap();
+    assert_eq!(container.status().as_deref(), Some("running"));
+    let seen = read_counter(&container.bundle).unwrap();
+    wait_counter_past(&container.bundle, seen + 2).unwrap();
+    assert!(snap.pages_written > 0 && snap.image_bytes > 0);
+
+    // Checkpoint-and-exit, then restore under the same id: the shell's counter continues.
+    let images = dir.path().join("images");
+    let report = checkpoint_container(&runc, &criu, "ck-restore", &images, &CheckpointOptions::default()).unwrap();
+    assert!(report.timings.total >= report.timings.frozen && report.timings.frozen > std::time::Duration::ZERO);
+    // runc removes a container it checkpointed without --leave-running.
+    assert!(matches!(container.status().as_deref(), None | Some("stopped")), "{:?}", container.status());
+    let stopped_at = read_counter(&container.bundle).unwrap();
+    container.delete();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(read_counter(&container.bundle), Some(stopped_at), "nothing runs between checkpoint and restore");
+
+    let req = ContainerRestore {
+        id: "ck-restore".into(),
+        bundle: container.bundle.clone(),
+        image_dir: images.clone(),
+        options: RestoreOptions { work_dir: Some(dir.path().join("restore-work")), ..Default::default() },
+        pid_file: None,
+        console_socket: None,
+        no_pivot: false,
+    };
+    let restored = restore_container(&runc, &criu, &req, RestoreIo::default()).unwrap();
+    let restored = RuncContainer::adopt(runc.root().unwrap(), "ck-restore", &container.bundle, restored.pid);
+    assert_eq!(restored.status().as_deref(), Some("running"));
+    let after = wait_counter_past(&container.bundle, stopped_at).unwrap();
+    assert!(after < stopped_at + 50, "the counter continued from {stopped_at} rather than restarting: {after}");
+}
+
+#[test]
+fn checkpoint_of_a_stopped_container_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-stopped");
+    let kill = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&container.root)
+        .args(["kill", "ck-stopped", "KILL"])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    kybernate_tests::wait_for("the container to stop", std::time::Duration::from_secs(10), || {
+        kybernate_tests::reap_if_exited(container.pid);
+        (container.status().as_deref() == Some("stopped")).then_some(())
+    })
+    .unwrap();
+    let err = checkpoint_container(&runc, &Criu::from_path(), "ck-stopped", &dir.path().join("i"), &Default::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::ContainerState { .. }), "{err}");
+    assert!(err.to_string().contains("only a running container can be checkpointed"), "{err}");
+    let absent =
+        checkpoint_container(&runc, &Criu::from_path(), "no-such-id", &dir.path().join("j"), &Default::default())
+            .unwrap_err();
+    assert!(absent.to_string().contains("absent"), "{absent}");
+}
+
+#[test]
+fn failed_checkpoint_leaves_the_container_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("runc-root");
+    let bundle = busybox_bundle(&dir.path().join("bundle"), &["/bin/sh", "-c", COUNTER_SCRIPT]).unwrap();
+    // A host file on the container's stdout lies outside its mounts: CRIU cannot dump it, fails
+    // half-way through the dump, and must resume the frozen container.
+    let host_file = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
+    let container = RuncContainer::run_with_stdout(&root, "ck-fail", &bundle, Some(host_file)).unwrap();
+    wait_counter_past(&bundle, 3).unwrap();
+    let runc = Runc::new("runc", Some(root));
+    let images = dir.path().join("images");
+    let err = checkpoint_container(&runc, &Criu::from_path(), "ck-fail", &images, &Default::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Runc { action: "checkpoint", .. }), "{text}");
+    assert!(text.contains("Can't lookup mount") && text.contains("is still running"), "{text}");
+    assert!(images.join("dump.log").is_file(), "CRIU's log is kept for inspection");
+    assert_eq!(container.status().as_deref(), Some("running"));
+    let seen = read_counter(&bundle).unwrap();
+    wait_counter_past(&bundle, seen + 1).unwrap();
+
+    // A missing CRIU and an impossible option combination are refused before anything is frozen.
+    let err = checkpoint_container(
+        &runc,
+        &Criu::new("/nonexistent/criu"),
+        "ck-fail",
+        &dir.path().join("a"),
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/criu"), "{err}");
+    let bad = CheckpointOptions {
+        leave_running: true,
+        flags: checkpoint_core::CriuFlags {
+            manage_cgroups_mode: Some(checkpoint_core::CgroupsMode::Strict),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(matches!(
+        checkpoint_container(&runc, &Criu::from_path(), "ck-fail", &dir.path().join("b"), &bad),
+        Err(Error::InvalidOptions(_))
+    ));
+    assert_eq!(container.status().as_deref(), Some("running"));
+}
+
+#[test]
+fn restore_of_a_corrupt_image_fails_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-corrupt");
+    let criu = Criu::from_path();
+    let images = dir.path().join("images");
+    checkpoint_container(&runc, &criu, "ck-corrupt", &images, &CheckpointOptions::default()).unwrap();
+    container.delete();
+    // Damage the process tree image in place (same size, so only CRIU can notice).
+    let pstree = images.join("pstree.img");
+    let mut bytes = std::fs::read(&pstree).unwrap();
+    let n = bytes.len();
+    bytes[8..n].fill(0xff);
+    std::fs::write(&pstree, bytes).unwrap();
+
+    let req = ContainerRestore {
+        id: "ck-corrupt".into(),
+        bundle: container.bundle.clone(),
+        image_dir: images,
+        options: RestoreOptions { timeout: Some(std::time::Duration::from_secs(60)), ..Default::default() },
+        pid_file: None,
+        console_socket: None,
+        no_pivot: false,
+    };
+    let err = restore_container(&runc, &criu, &req, RestoreIo::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Runc { action: "restore", .. }), "{text}");
+    assert!(text.contains("was not restored") && text.contains("restore.log"), "{text}");
+    assert_eq!(runc.state("ck-corrupt").unwrap(), None, "no half-created container is left");
+}
