@@ -1,7 +1,20 @@
 //! The checkpoint bundle: one directory per checkpoint, laid out like the archives of Podman, CRI-O and
 //! checkpointctl (KEP-2008) plus Kybernate's manifest. See `docs/bundle-format.md`.
+//!
+//! A bundle becomes usable only when [`seal`] has hashed every file into the manifest, made everything
+//! durable, and renamed [`COMPLETE_MARKER`] into place. [`verify`] checks all of it before a restore.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::report::CheckpointReport;
 
 /// Written last, by rename, once everything else is durable: the only signal that a bundle may be
 /// shipped or restored.
@@ -22,8 +35,386 @@ pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
 pub const DELETED_FILES: &str = "deleted.files";
 /// CRIU's dump statistics.
 pub const STATS_DUMP: &str = "stats-dump";
+/// The manifest format this library writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Default node checkpoint directory.
+pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/kybernate/checkpoints";
 
 /// Whether `dir` holds a finished bundle (its [`COMPLETE_MARKER`] exists).
 pub fn is_complete(dir: &Path) -> bool {
     dir.join(COMPLETE_MARKER).is_file()
+}
+
+/// `<root>/<namespace>/<pod-or-container>/<container>/<RFC3339 time>/`, the place of a new bundle.
+pub fn bundle_dir(
+    root: &Path,
+    namespace: &str,
+    pod_or_container: &str,
+    container: &str,
+    at: SystemTime,
+) -> Result<PathBuf> {
+    for (what, part) in [("namespace", namespace), ("pod", pod_or_container), ("container", container)] {
+        if part.is_empty() || part == "." || part == ".." || part.contains('/') || part.contains('\0') {
+            return Err(Error::InvalidOptions(format!(
+                "{what} name {part:?} cannot be a directory name: it must be non-empty without '/'"
+            )));
+        }
+    }
+    let time = humantime::format_rfc3339_millis(at).to_string();
+    Ok(root.join(namespace).join(pod_or_container).join(container).join(time))
+}
+
+/// Who was checkpointed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerIdentity {
+    /// containerd namespace (`k8s.io` under Kubernetes).
+    pub namespace: String,
+    /// Kubernetes pod name, when the container belongs to a pod.
+    pub pod: Option<String>,
+    /// Container name (Kubernetes container name, or the containerd id).
+    pub name: String,
+    /// containerd container id.
+    pub id: String,
+    /// Image reference the container was created from.
+    pub image: Option<String>,
+}
+
+/// The node the checkpoint was taken on, for compatibility checks at restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// CRIU version (`4.1.1`).
+    pub criu_version: String,
+    /// runc version, when a container was checkpointed.
+    pub runc_version: Option<String>,
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// CPU architecture (`x86_64`, `aarch64`).
+    pub arch: String,
+}
+
+impl HostInfo {
+    /// Reads kernel and architecture of this node, with the given tool versions.
+    pub fn current(criu_version: String, runc_version: Option<String>) -> Self {
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        HostInfo { criu_version, runc_version, kernel, arch: std::env::consts::ARCH.to_string() }
+    }
+}
+
+/// One GPU the workload used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuDevice {
+    /// GPU UUID (`GPU-…`).
+    pub uuid: String,
+    /// Marketing name (`NVIDIA H100 80GB HBM3`).
+    pub name: String,
+    /// Compute capability (`9.0`).
+    pub compute_capability: String,
+    /// Total memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// GPU memory one checkpointed process held.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    /// Host pid at checkpoint time.
+    pub pid: i32,
+    /// UUID of the GPU the memory was on.
+    pub gpu_uuid: String,
+    /// Bytes of device memory.
+    pub memory_bytes: u64,
+}
+
+/// The GPU section of the manifest, present when the workload used a GPU.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSection {
+    /// NVIDIA driver version.
+    pub driver_version: String,
+    /// The GPUs used.
+    pub devices: Vec<GpuDevice>,
+    /// Device memory per process.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// Size and SHA-256 of one file of the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex SHA-256.
+    pub sha256: String,
+}
+
+/// `kybernate.json`: what the bundle is and everything in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    /// When the checkpoint was taken (RFC 3339, UTC).
+    pub created: String,
+    /// Node facts for compatibility checks.
+    pub host: HostInfo,
+    /// Who was checkpointed.
+    pub container: ContainerIdentity,
+    /// Timings and sizes of the dump.
+    pub checkpoint: Option<CheckpointReport>,
+    /// GPU state, when the workload used a GPU.
+    pub gpu: Option<GpuSection>,
+    /// Every file of the bundle except the manifest and the markers, by relative path.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+impl Manifest {
+    /// A manifest for a checkpoint taken now; [`seal`] fills in the files.
+    pub fn new(host: HostInfo, container: ContainerIdentity) -> Self {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            created: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            host,
+            container,
+            checkpoint: None,
+            gpu: None,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
+fn bundle_error(dir: &Path, reason: impl Into<String>) -> Error {
+    Error::Bundle { path: dir.to_path_buf(), reason: reason.into() }
+}
+
+fn is_marker_or_manifest(rel: &str) -> bool {
+    matches!(rel, MANIFEST_FILE | COMPLETE_MARKER | FAILED_MARKER)
+}
+
+/// Relative paths of the regular files below `dir`, sorted; links and special files are refused.
+fn list_files(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs = dir.join(&rel_dir);
+        let entries = fs::read_dir(&abs).map_err(|e| Error::io(format!("listing {}", abs.display()), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", abs.display()), e))?;
+            let rel = rel_dir.join(entry.file_name());
+            let kind = entry.file_type().map_err(|e| Error::io(format!("stat {}", entry.path().display()), e))?;
+            if kind.is_dir() {
+                stack.push(rel);
+            } else if kind.is_file() {
+                let rel = rel.to_str().ok_or_else(|| bundle_error(dir, format!("{} is not UTF-8", rel.display())))?;
+                if !is_marker_or_manifest(rel) {
+                    out.push(rel.to_string());
+                }
+            } else {
+                return Err(bundle_error(dir, format!("{} is not a regular file or directory", rel.display())));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Size and SHA-256 of `path`, optionally fsyncing it on the way.
+fn hash_file(path: &Path, sync: bool) -> Result<FileEntry> {
+    let mut file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    if sync {
+        file.sync_all().map_err(|e| Error::io(format!("fsync {}", path.display()), e))?;
+    }
+    let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(FileEntry { size, sha256 })
+}
+
+/// Hashes `files` (relative to `dir`) on all cores.
+fn hash_all(dir: &Path, files: &[String], sync: bool) -> Result<BTreeMap<String, FileEntry>> {
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(files.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::with_capacity(files.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(rel) = files.get(i) else { break };
+                let entry = hash_file(&dir.join(rel), sync);
+                results.lock().expect("hash results lock").push((rel.clone(), entry));
+            });
+        }
+    });
+    results.into_inner().expect("hash results lock").into_iter().map(|(rel, entry)| Ok((rel, entry?))).collect()
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(format!("fsync {}", dir.display()), e))
+}
+
+/// Writes `bytes` to `dir/name` durably and atomically (temp file, fsync, rename, fsync dir).
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let target = dir.join(name);
+    let mut f = File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    fs::rename(&tmp, &target).map_err(|e| Error::io(format!("renaming {} into place", target.display()), e))?;
+    fsync_dir(dir)
+}
+
+/// Seals the bundle in `dir`: hashes and fsyncs every file, writes the manifest, then renames
+/// [`COMPLETE_MARKER`] into place. Until this returns `Ok`, the bundle is never shipped or restored.
+pub fn seal(dir: &Path, mut manifest: Manifest) -> Result<Manifest> {
+    if is_complete(dir) {
+        return Err(bundle_error(dir, "it is already sealed; write each checkpoint into a new directory"));
+    }
+    if dir.join(FAILED_MARKER).exists() {
+        return Err(bundle_error(dir, "it was marked failed; take a new checkpoint"));
+    }
+    let files = list_files(dir)?;
+    manifest.files = hash_all(dir, &files, true)?;
+    let mut dirs: Vec<PathBuf> = files.iter().filter_map(|f| Path::new(f).parent().map(|p| dir.join(p))).collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        fsync_dir(&d)?;
+    }
+    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    write_durably(dir, MANIFEST_FILE, &json)?;
+    let digest: String = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
+    write_durably(dir, COMPLETE_MARKER, format!("{MANIFEST_FILE} sha256:{digest}\n").as_bytes())?;
+    Ok(manifest)
+}
+
+/// Marks an abandoned bundle, so that nothing ever ships or restores it, and records why.
+pub fn mark_failed(dir: &Path, reason: &str) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    write_durably(dir, FAILED_MARKER, format!("{reason}\n").as_bytes())
+}
+
+/// Checks a bundle before it is restored or shipped: sealed, of a known format, and every file
+/// present with its recorded size and hash, with nothing added. Returns its manifest.
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    if !dir.is_dir() {
+        return Err(bundle_error(dir, "the directory does not exist"));
+    }
+    if dir.join(FAILED_MARKER).exists() {
+        let why = fs::read_to_string(dir.join(FAILED_MARKER)).unwrap_or_default();
+        return Err(bundle_error(dir, format!("the checkpoint failed ({}); use another bundle", why.trim())));
+    }
+    let complete = fs::read_to_string(dir.join(COMPLETE_MARKER))
+        .map_err(|_| bundle_error(dir, format!("{COMPLETE_MARKER} is missing: the checkpoint did not finish")))?;
+    let json = fs::read(dir.join(MANIFEST_FILE)).map_err(|e| bundle_error(dir, format!("{MANIFEST_FILE}: {e}")))?;
+    let digest: String = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
+    if complete.trim() != format!("{MANIFEST_FILE} sha256:{digest}") {
+        return Err(bundle_error(dir, format!("{MANIFEST_FILE} does not match the hash sealed in {COMPLETE_MARKER}")));
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&json).map_err(|e| bundle_error(dir, format!("{MANIFEST_FILE} does not parse: {e}")))?;
+    if manifest.format_version > FORMAT_VERSION {
+        return Err(bundle_error(
+            dir,
+            format!(
+                "format version {} is newer than this Kybernate understands ({FORMAT_VERSION}); upgrade Kybernate",
+                manifest.format_version
+            ),
+        ));
+    }
+    let on_disk = list_files(dir)?;
+    if let Some(extra) = on_disk.iter().find(|f| !manifest.files.contains_key(*f)) {
+        return Err(bundle_error(dir, format!("{extra} is not listed in the manifest: the bundle was altered")));
+    }
+    let actual = hash_all(dir, &on_disk, false)?;
+    for (rel, want) in &manifest.files {
+        match actual.get(rel) {
+            None => return Err(bundle_error(dir, format!("{rel} is missing"))),
+            Some(got) if got.size != want.size => {
+                return Err(bundle_error(
+                    dir,
+                    format!("{rel} is {} bytes, sealed with {}: truncated", got.size, want.size),
+                ))
+            }
+            Some(got) if got.sha256 != want.sha256 => {
+                return Err(bundle_error(dir, format!("{rel} does not match its sha256: the bundle is corrupt")))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> Manifest {
+        fs::create_dir_all(dir.join(CHECKPOINT_DIR)).unwrap();
+        fs::write(dir.join(CHECKPOINT_DIR).join("pages-1.img"), vec![3u8; 10_000]).unwrap();
+        fs::write(dir.join(CHECKPOINT_DIR).join("inventory.img"), b"inv").unwrap();
+        fs::write(dir.join(SPEC_DUMP), b"{}").unwrap();
+        let host = HostInfo::current("4.1.1".into(), Some("1.1.5".into()));
+        let id =
+            ContainerIdentity { namespace: "default".into(), name: "c".into(), id: "c".into(), ..Default::default() };
+        seal(dir, Manifest::new(host, id)).unwrap()
+    }
+
+    #[test]
+    fn sealed_bundle_verifies_and_lists_every_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample(dir.path());
+        assert!(is_complete(dir.path()));
+        assert_eq!(
+            m.files.keys().collect::<Vec<_>>(),
+            ["checkpoint/inventory.img", "checkpoint/pages-1.img", "spec.dump"]
+        );
+        assert_eq!(m.files["spec.dump"].sha256, "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a");
+        assert_eq!(verify(dir.path()).unwrap(), m);
+        assert!(seal(dir.path(), m).unwrap_err().to_string().contains("already sealed"));
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        sample(dir.path());
+        let pages = dir.path().join("checkpoint/pages-1.img");
+        fs::write(&pages, vec![3u8; 9_999]).unwrap();
+        assert!(verify(dir.path()).unwrap_err().to_string().contains("truncated"));
+        fs::write(&pages, vec![4u8; 10_000]).unwrap();
+        assert!(verify(dir.path()).unwrap_err().to_string().contains("does not match its sha256"));
+        fs::write(&pages, vec![3u8; 10_000]).unwrap();
+        verify(dir.path()).unwrap();
+        fs::write(dir.path().join("checkpoint/extra.img"), b"x").unwrap();
+        assert!(verify(dir.path()).unwrap_err().to_string().contains("extra.img is not listed"));
+        fs::remove_file(dir.path().join("checkpoint/extra.img")).unwrap();
+        let manifest = dir.path().join(MANIFEST_FILE);
+        let edited = fs::read_to_string(&manifest).unwrap().replace("\"c\"", "\"d\"");
+        fs::write(&manifest, edited).unwrap();
+        assert!(verify(dir.path()).unwrap_err().to_string().contains("does not match the hash sealed"));
+    }
+
+    #[test]
+    fn unsealed_and_failed_bundles_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(SPEC_DUMP), b"{}").unwrap();
+        assert!(verify(dir.path()).unwrap_err().to_string().contains("COMPLETE is missing"));
+        mark_failed(dir.path(), "criu dump failed").unwrap();
+        assert!(verify(dir.path()).unwrap_err().to_string().contains("criu dump failed"));
+        let host = HostInfo::default();
+        assert!(seal(dir.path(), Manifest::new(host, ContainerIdentity::default())).is_err());
+        assert!(!is_complete(dir.path()));
+    }
+
+    #[test]
+    fn bundle_dir_follows_the_layout_and_refuses_path_tricks() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let d = bundle_dir(Path::new("/r"), "k8s.io", "pod", "app", at).unwrap();
+        assert_eq!(d, Path::new("/r/k8s.io/pod/app/2023-11-14T22:13:20.123Z"));
+        assert!(bundle_dir(Path::new("/r"), "..", "pod", "app", at).is_err());
+        assert!(bundle_dir(Path::new("/r"), "ns", "a/b", "app", at).is_err());
+    }
 }

@@ -97,6 +97,14 @@ pub enum Error {
         /// What the caller can do.
         hint: String,
     },
+    /// A checkpoint bundle is incomplete, damaged or of an unknown format.
+    #[error("checkpoint bundle {path} is unusable: {reason}")]
+    Bundle {
+        /// The bundle directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// Any other I/O error, with the object it concerned.
     #[error("{context}: {source}")]
     Io {
