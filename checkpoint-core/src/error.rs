@@ -105,6 +105,16 @@ pub enum Error {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// A GPU-aware checkpoint or restore failed at `step`; `rollback` says what was undone.
+    #[error("GPU {step:?} step failed: {detail}; rollback: {rollback}")]
+    Gpu {
+        /// The step that failed.
+        step: crate::gpu::GpuStep,
+        /// What the driver or CRIU said.
+        detail: String,
+        /// What was undone so the workload keeps running (or why it could not be).
+        rollback: String,
+    },
     /// Any other I/O error, with the object it concerned.
     #[error("{context}: {source}")]
     Io {

@@ -25,6 +25,7 @@ pub mod criu;
 mod error;
 mod exec;
 mod fsutil;
+pub mod gpu;
 mod options;
 pub mod process;
 mod report;

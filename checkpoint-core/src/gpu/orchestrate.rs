@@ -1,0 +1,130 @@
+//! The order of GPU and CPU steps, and the rollback that keeps every process alive on failure.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::{CudaCheckpointDriver, CudaProcessState, GpuPair};
+use crate::criu::image::image_pids;
+use crate::criu::Criu;
+use crate::error::{Error, Result};
+use crate::options::{CheckpointOptions, RestoreOptions};
+use crate::process::{checkpoint_process, restore_process};
+use crate::report::{CheckpointReport, RestoreReport};
+
+/// The step of a GPU-aware checkpoint or restore that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuStep {
+    /// Locking CUDA work (bounded by the lock timeout).
+    Lock,
+    /// Copying device memory to the host.
+    Checkpoint,
+    /// The CRIU dump or restore between the GPU steps.
+    Criu,
+    /// Copying memory back to the device.
+    Restore,
+    /// Letting CUDA work continue.
+    Unlock,
+}
+
+/// Undoes GPU steps in reverse: restores checkpointed processes, unlocks locked ones. Returns what it
+/// did, for the error message.
+fn roll_back(driver: &dyn CudaCheckpointDriver, locked: &[i32], checkpointed: &[i32]) -> String {
+    let mut notes = Vec::new();
+    for pid in checkpointed.iter().rev() {
+        match driver.restore(*pid, &[]) {
+            Ok(()) => notes.push(format!("restored GPU state of {pid}")),
+            Err(e) => notes.push(format!("RESTORE FAILED for {pid}: {e}")),
+        }
+    }
+    for pid in locked.iter().rev() {
+        match driver.unlock(*pid) {
+            Ok(()) => notes.push(format!("unlocked {pid}")),
+            Err(e) => notes.push(format!("UNLOCK FAILED for {pid}: {e}")),
+        }
+    }
+    if notes.is_empty() {
+        "nothing to roll back".into()
+    } else {
+        notes.join(", ")
+    }
+}
+
+fn gpu_error(step: GpuStep, detail: String, rollback: String) -> Error {
+    Error::Gpu { step, detail, rollback }
+}
+
+/// Checkpoints the process tree rooted at `pid`, whose CUDA processes are `gpu_pids`: lock (each
+/// bounded by `lock_timeout`) → checkpoint GPU → CRIU dump → with leave-running, restore → unlock.
+/// On any failure every step already taken is undone, so each process runs on with its GPU state.
+pub fn checkpoint_gpu_process(
+    driver: &dyn CudaCheckpointDriver,
+    criu: &Criu,
+    pid: i32,
+    gpu_pids: &[i32],
+    image_dir: &Path,
+    opts: &CheckpointOptions,
+    lock_timeout: Duration,
+) -> Result<CheckpointReport> {
+    opts.validate()?;
+    let mut locked = Vec::new();
+    for p in gpu_pids {
+        if let Err(e) = driver.lock(*p, lock_timeout) {
+            return Err(gpu_error(GpuStep::Lock, e.to_string(), roll_back(driver, &locked, &[])));
+        }
+        locked.push(*p);
+    }
+    let mut checkpointed = Vec::new();
+    for p in gpu_pids {
+        if let Err(e) = driver.checkpoint(*p) {
+            return Err(gpu_error(GpuStep::Checkpoint, e.to_string(), roll_back(driver, &locked, &checkpointed)));
+        }
+        checkpointed.push(*p);
+    }
+    let report = match checkpoint_process(criu, pid, image_dir, opts) {
+        Ok(report) => report,
+        Err(e) => return Err(gpu_error(GpuStep::Criu, e.to_string(), roll_back(driver, &locked, &checkpointed))),
+    };
+    if opts.leave_running {
+        for p in gpu_pids {
+            driver
+                .restore(*p, &[])
+                .map_err(|e| gpu_error(GpuStep::Restore, e.to_string(), roll_back(driver, &locked, &[])))?;
+        }
+        for p in gpu_pids {
+            driver.unlock(*p).map_err(|e| gpu_error(GpuStep::Unlock, e.to_string(), "none possible".into()))?;
+        }
+    }
+    Ok(report)
+}
+
+/// Restores a tree checkpointed by [`checkpoint_gpu_process`]: CRIU restore → GPU restore (onto the
+/// GPUs named by `gpu_pairs`, or the same ones) → unlock. If the GPU state cannot be restored, the
+/// restored tree is killed rather than left running without it; the images stay for another try.
+pub fn restore_gpu_process(
+    driver: &dyn CudaCheckpointDriver,
+    criu: &Criu,
+    image_dir: &Path,
+    opts: &RestoreOptions,
+    gpu_pairs: &[GpuPair],
+) -> Result<RestoreReport> {
+    let pids = image_pids(image_dir)?;
+    let report = restore_process(criu, image_dir, opts)?;
+    let kill_tree = || {
+        for p in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+        }
+        format!("killed the restored tree (pids {pids:?}); the images in {} are untouched", image_dir.display())
+    };
+    let mut restored = Vec::new();
+    for p in &pids {
+        // Processes that are not CUDA processes (or hold no GPU state) have nothing to bring back.
+        if let Ok(CudaProcessState::Checkpointed) = driver.state(*p) {
+            driver.restore(*p, gpu_pairs).map_err(|e| gpu_error(GpuStep::Restore, e.to_string(), kill_tree()))?;
+            restored.push(*p);
+        }
+    }
+    for p in &restored {
+        driver.unlock(*p).map_err(|e| gpu_error(GpuStep::Unlock, e.to_string(), kill_tree()))?;
+    }
+    Ok(report)
+}
