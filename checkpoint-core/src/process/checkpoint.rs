@@ -30,12 +30,7 @@ pub fn checkpoint_process(
     if !fsutil::process_alive(pid) {
         return Err(Error::NoSuchProcess { pid });
     }
-    if opts.pre_dump {
-        criu.require_feature(Feature::MemDirtyTrack)?;
-    }
-    fsutil::prepare_empty_dir(image_dir)?;
-    let work_dir = fsutil::work_dir_or(&opts.work_dir, image_dir);
-    fsutil::ensure_dir(&work_dir)?;
+    let work_dir = prepare_checkpoint(criu, image_dir, opts)?;
 
     if opts.pre_dump {
         let pre_dir = image_dir.join(PRE_DUMP_DIR);
@@ -59,6 +54,22 @@ pub fn checkpoint_process(
     let report = CheckpointReport::collect(image_dir, &work_dir, log, started.elapsed(), version)?;
     tracing::info!(pid, image_dir = %image_dir.display(), pages = report.pages_written, total_ms = report.timings.total.as_millis() as u64, "process checkpointed");
     Ok(report)
+}
+
+/// Checks what a checkpoint needs before anything is frozen (pre-dump support, an empty writable image
+/// directory) and returns the work directory.
+pub(crate) fn prepare_checkpoint(
+    criu: &Criu,
+    image_dir: &Path,
+    opts: &CheckpointOptions,
+) -> Result<std::path::PathBuf> {
+    if opts.pre_dump {
+        criu.require_feature(Feature::MemDirtyTrack)?;
+    }
+    fsutil::prepare_empty_dir(image_dir)?;
+    let work_dir = fsutil::work_dir_or(&opts.work_dir, image_dir);
+    fsutil::ensure_dir(&work_dir)?;
+    Ok(work_dir)
 }
 
 fn dump_command(

@@ -6,5 +6,6 @@
 mod checkpoint;
 mod restore;
 
+pub(crate) use checkpoint::prepare_checkpoint;
 pub use checkpoint::{checkpoint_process, PRE_DUMP_DIR};
 pub use restore::restore_process;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::{ContainerStatus, Runc};
 use crate::criu::image::ImageManifest;
-use crate::criu::{Criu, Feature};
+use crate::criu::Criu;
 use crate::error::{Error, Result, ToolFailure};
 use crate::exec;
 use crate::fsutil;
@@ -44,12 +44,7 @@ pub fn checkpoint_container(
             })
         }
     }
-    if opts.pre_dump {
-        criu.require_feature(Feature::MemDirtyTrack)?;
-    }
-    fsutil::prepare_empty_dir(image_dir)?;
-    let work_dir = fsutil::work_dir_or(&opts.work_dir, image_dir);
-    fsutil::ensure_dir(&work_dir)?;
+    let work_dir = crate::process::prepare_checkpoint(criu, image_dir, opts)?;
 
     if opts.pre_dump {
         let pre_dir = image_dir.join(crate::process::PRE_DUMP_DIR);
