@@ -119,20 +119,24 @@ pub struct GpuDevice {
 pub struct GpuProcess {
     /// Host pid at checkpoint time.
     pub pid: i32,
-    /// UUID of the GPU the memory was on.
-    pub gpu_uuid: String,
-    /// Bytes of device memory.
-    pub memory_bytes: u64,
+    /// UUID of the GPU the memory was on; `null` when it was found without NVML (`/proc` scan).
+    pub gpu_uuid: Option<String>,
+    /// Bytes of device memory; `null` when NVML could not tell or was not usable.
+    pub memory_bytes: Option<u64>,
 }
 
-/// The GPU section of the manifest, present when the workload used a GPU.
+/// The GPU section of the manifest, present when the workload used a GPU (filled by
+/// [`crate::gpu::gpu_section`], checked by [`crate::gpu::check_restore`]; see `docs/gpu.md`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuSection {
-    /// NVIDIA driver version.
-    pub driver_version: String,
-    /// The GPUs used.
+    /// NVIDIA driver version; `null` when NVML was not usable at checkpoint time.
+    pub driver_version: Option<String>,
+    /// The backend that checkpointed the GPU state (`driver-api`, `cuda-checkpoint`, `criu-plugin`).
+    #[serde(default)]
+    pub backend: String,
+    /// The GPUs used (empty when NVML was not usable at checkpoint time).
     pub devices: Vec<GpuDevice>,
-    /// Device memory per process.
+    /// Device memory per process and GPU.
     pub processes: Vec<GpuProcess>,
 }
 
@@ -160,6 +164,9 @@ pub struct Manifest {
     pub checkpoint: Option<CheckpointReport>,
     /// GPU state, when the workload used a GPU.
     pub gpu: Option<GpuSection>,
+    /// The CRIU flags of the dump, which the restore must repeat (absent in bundles that predate it).
+    #[serde(default)]
+    pub criu_flags: Option<crate::options::CriuFlags>,
     /// Every file of the bundle except the manifest and the markers, by relative path.
     pub files: BTreeMap<String, FileEntry>,
 }
@@ -174,6 +181,7 @@ impl Manifest {
             container,
             checkpoint: None,
             gpu: None,
+            criu_flags: None,
             files: BTreeMap::new(),
         }
     }

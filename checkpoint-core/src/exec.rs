@@ -1,6 +1,7 @@
 //! Running CRIU and runc as child processes, with an optional deadline.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,10 +18,17 @@ pub(crate) struct Failure {
 
 /// Runs `cmd` to completion, killing it after `timeout`. Stdout is discarded; stderr is captured unless
 /// the caller set it (then `capture_stderr` is false and the caller's stdio is left alone).
+///
+/// With a deadline the command runs in a process group of its own, and the whole group is killed when
+/// the deadline passes: runc's CRIU child must not finish a dump (and kill the workload) after the
+/// caller gave up on it.
 pub(crate) fn run(mut cmd: Command, timeout: Option<Duration>, capture_stderr: bool) -> Result<(), Failure> {
     tracing::debug!(?cmd, ?timeout, "running");
     if capture_stderr {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    }
+    if timeout.is_some() {
+        cmd.process_group(0);
     }
     let mut child = cmd.spawn().map_err(|e| Failure {
         status: format!("could not start {:?}", cmd.get_program()),
@@ -41,6 +49,8 @@ pub(crate) fn run(mut cmd: Command, timeout: Option<Duration>, capture_stderr: b
             Ok(Some(status)) => break Ok(status),
             Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
                 timed_out = true;
+                let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+                let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.kill();
                 break child.wait();
             }

@@ -29,6 +29,7 @@ pub mod gpu;
 mod options;
 pub mod process;
 mod report;
+pub mod rootfs;
 pub mod runc;
 
 pub use criu::{Criu, CriuInfo, CriuVersion, Feature};
@@ -36,4 +37,7 @@ pub use error::{Error, Result, ToolFailure};
 pub use options::{CgroupsMode, CheckpointOptions, CriuFlags, EmptyNamespace, RestoreOptions, DEFAULT_RESTORE_TIMEOUT};
 pub use process::{checkpoint_process, restore_process};
 pub use report::{CheckpointReport, CheckpointTimings, RestoreReport, RestoreTimings};
-pub use runc::{checkpoint_container, restore_container, ContainerRestore, RestoreIo, Runc};
+pub use runc::{
+    check_host, checkpoint_container, checkpoint_container_bundle, open_bundle, restore_container, BundleReport,
+    ConfigDump, ContainerCheckpoint, ContainerRestore, OpenedBundle, RestoreIo, Runc,
+};

@@ -133,6 +133,9 @@ pub struct CheckpointOptions {
     pub pre_dump: bool,
     /// Where CRIU writes its log and statistics; defaults to the image directory.
     pub work_dir: Option<PathBuf>,
+    /// Abandon the dump after this long (the workload is thawed and keeps running). `None` waits for
+    /// CRIU however long it takes.
+    pub timeout: Option<Duration>,
     /// What the tree holds (must be repeated on restore).
     #[serde(flatten)]
     pub flags: CriuFlags,
@@ -146,6 +149,11 @@ impl CheckpointOptions {
                 "manage_cgroups_mode=strict makes restore fail while the original cgroup still exists, \
                  so it cannot be combined with leave_running: use soft or full"
                     .into(),
+            ));
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return Err(Error::InvalidOptions(
+                "a checkpoint timeout of zero can never be met: leave it unset or give it a duration".into(),
             ));
         }
         self.flags.validate()

@@ -38,7 +38,7 @@ pub fn checkpoint_process(
         let log = work_dir.join("pre-dump.log");
         let mut cmd = dump_command(criu, "pre-dump", pid, &pre_dir, &work_dir, &log, opts);
         cmd.arg("--track-mem");
-        exec::run(cmd, None, true).map_err(|f| criu_error("pre-dump", f, pid, &log))?;
+        exec::run(cmd, opts.timeout, true).map_err(|f| criu_error("pre-dump", f, pid, &log))?;
     }
 
     let log = work_dir.join("dump.log");
@@ -49,7 +49,7 @@ pub fn checkpoint_process(
     if opts.pre_dump {
         cmd.args(["--track-mem", "--prev-images-dir", PRE_DUMP_DIR]);
     }
-    exec::run(cmd, None, true).map_err(|f| criu_error("dump", f, pid, &log))?;
+    exec::run(cmd, opts.timeout, true).map_err(|f| criu_error("dump", f, pid, &log))?;
     ImageManifest::record(image_dir)?.write(image_dir)?;
     let report = CheckpointReport::collect(image_dir, &work_dir, log, started.elapsed(), version)?;
     tracing::info!(pid, image_dir = %image_dir.display(), pages = report.pages_written, total_ms = report.timings.total.as_millis() as u64, "process checkpointed");

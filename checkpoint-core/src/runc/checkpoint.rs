@@ -1,7 +1,7 @@
 //! `runc checkpoint` of a running container.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{ContainerStatus, Runc};
 use crate::criu::image::ImageManifest;
@@ -12,7 +12,7 @@ use crate::fsutil;
 use crate::options::CheckpointOptions;
 use crate::report::CheckpointReport;
 
-/// Checkpoints the running container `id` into `image_dir` (created; must be empty), like
+/// Checkpoints the running (or paused) container `id` into `image_dir` (created; must be empty), like
 /// containerd's runc shim does for `ctr c checkpoint`.
 ///
 /// On error the container keeps running (runc and CRIU resume it) and the error says so, with the
@@ -27,8 +27,11 @@ pub fn checkpoint_container(
     let started = Instant::now();
     opts.validate()?;
     let version = criu.version()?;
-    match runc.state(id)? {
-        Some(s) if s.status == ContainerStatus::Running => {}
+    let was_paused = match runc.state(id)? {
+        // A paused container can be dumped too (containerd pauses a task around its checkpoint); CRIU
+        // leaves its cgroup frozen as it found it.
+        Some(s) if s.status == ContainerStatus::Running => false,
+        Some(s) if s.status == ContainerStatus::Paused => true,
         Some(s) => {
             return Err(Error::ContainerState {
                 id: id.into(),
@@ -43,14 +46,14 @@ pub fn checkpoint_container(
                 hint: format!("runc (root {:?}) does not know this container id", runc.root()),
             })
         }
-    }
+    };
     let work_dir = crate::process::prepare_checkpoint(criu, image_dir, opts)?;
 
     if opts.pre_dump {
         let pre_dir = image_dir.join(crate::process::PRE_DUMP_DIR);
         let mut cmd = checkpoint_command(runc, criu, &pre_dir, &work_dir, opts);
         cmd.arg("--pre-dump").arg(id);
-        exec::run(cmd, None, true).map_err(|failure| runc_error(runc, id, &work_dir, failure))?;
+        exec::run(cmd, opts.timeout, true).map_err(|failure| failed(runc, id, &work_dir, failure, was_paused))?;
     }
     let mut cmd = checkpoint_command(runc, criu, image_dir, &work_dir, opts);
     if opts.leave_running {
@@ -60,7 +63,7 @@ pub fn checkpoint_container(
         cmd.args(["--parent-path", crate::process::PRE_DUMP_DIR]);
     }
     cmd.arg(id);
-    exec::run(cmd, None, true).map_err(|failure| runc_error(runc, id, &work_dir, failure))?;
+    exec::run(cmd, opts.timeout, true).map_err(|failure| failed(runc, id, &work_dir, failure, was_paused))?;
     ImageManifest::record(image_dir)?.write(image_dir)?;
     let report =
         CheckpointReport::collect(image_dir, &work_dir, work_dir.join("dump.log"), started.elapsed(), version)?;
@@ -79,6 +82,24 @@ fn checkpoint_command(
     cmd.arg("checkpoint").arg("--image-path").arg(image_dir).arg("--work-path").arg(work_dir);
     super::add_runc_flags(&mut cmd, &opts.flags);
     cmd
+}
+
+/// The error of a failed dump, after making sure the container runs again: a dump killed at its
+/// deadline leaves the cgroup frozen (runc had no chance to thaw it), so it is resumed here unless it
+/// was paused before the checkpoint.
+fn failed(runc: &Runc, id: &str, work_dir: &Path, failure: exec::Failure, was_paused: bool) -> Error {
+    if failure.timed_out && !was_paused {
+        if let Ok(Some(s)) = runc.state(id) {
+            if s.status == ContainerStatus::Paused {
+                let mut resume = runc.command(None);
+                resume.args(["resume", id]);
+                if let Err(f) = exec::run(resume, Some(Duration::from_secs(30)), true) {
+                    tracing::warn!(id, status = %f.status, stderr = %f.stderr, "thawing the container after an abandoned dump");
+                }
+            }
+        }
+    }
+    runc_error(runc, id, work_dir, failure)
 }
 
 fn runc_error(runc: &Runc, id: &str, work_dir: &Path, failure: exec::Failure) -> Error {

@@ -1,8 +1,12 @@
 //! Checkpoint and restore of runc containers, by container id, with the flags containerd's go-runc uses.
 
+mod bundle;
 mod checkpoint;
 mod restore;
 
+pub use bundle::{
+    check_host, checkpoint_container_bundle, open_bundle, BundleReport, ConfigDump, ContainerCheckpoint, OpenedBundle,
+};
 pub use checkpoint::checkpoint_container;
 pub use restore::{restore_container, ContainerRestore, RestoreIo};
 
@@ -87,6 +91,13 @@ impl Runc {
             cmd.env("PATH", path);
         }
         cmd
+    }
+
+    /// `runc --version`'s version (e.g. `1.1.5+ds1`), for manifests; `None` if runc does not say.
+    pub fn version(&self) -> Option<String> {
+        let out = self.command(None).arg("--version").stdin(std::process::Stdio::null()).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().find_map(|l| l.strip_prefix("runc version ")).map(|v| v.trim().to_string())
     }
 
     /// The state of container `id`, or `None` when runc does not know it.
