@@ -2,14 +2,37 @@
 //! wraps a CRIU dump (lock → checkpoint GPU → CRIU dump → for leave-running: restore → unlock) and
 //! restore (CRIU restore → GPU restore → unlock), rolling back so no process is left locked or
 //! without its GPU state.
+//!
+//! Around it: the node's GPUs and a container's GPU processes (NVML, or a `/proc` scan without it),
+//! the manifest's GPU section, the compatibility check before a restore with the old → new GPU
+//! mapping, and the choice of backend (driver API, `cuda-checkpoint`, CRIU's CUDA plugin, or none).
+//! See `docs/gpu.md`.
 
 mod cli;
+mod compat;
+mod criu_plugin;
+mod discovery;
 mod driver_api;
+mod nvml;
 mod orchestrate;
 
 pub use cli::CudaCheckpointCli;
+pub use compat::{
+    check_restore, parse_gpu_uuid, Bytes, GpuAssignment, GpuCompatError, GpuMapping, GpuMatch, GpuMismatch,
+};
+pub use criu_plugin::{
+    select_backend, BackendError, BackendProbe, CriuPluginDir, GpuBackend, GpuBackendChoice, NodeProbe,
+    PluginDirSource, CRIU_DEFAULT_PLUGIN_DIR, CRIU_LIBS_DIR_ENV, CUDA_PLUGIN,
+};
+pub use discovery::{
+    find_gpu_processes, gpu_section, ComputeProcess, ContainerGpuProcess, DiscoveryMethod, GpuInfo, GpuInventory,
+    GpuProcesses, InventoryError, ProcEvidence, ProcScanner,
+};
 pub use driver_api::DriverApi;
-pub use orchestrate::{checkpoint_gpu_process, restore_gpu_process, GpuStep};
+pub use nvml::{NvmlInventory, NVML_LIBRARY};
+pub use orchestrate::{
+    checkpoint_gpu_process, checkpoint_with_backend, restore_gpu_process, restore_with_backend, GpuStep,
+};
 
 use std::time::Duration;
 

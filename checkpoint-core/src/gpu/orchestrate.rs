@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{CudaCheckpointDriver, CudaProcessState, GpuPair};
+use super::{CudaCheckpointDriver, CudaProcessState, GpuBackend, GpuMapping, GpuPair};
 use crate::criu::image::image_pids;
 use crate::criu::Criu;
 use crate::error::{Error, Result};
@@ -14,6 +14,8 @@ use crate::report::{CheckpointReport, RestoreReport};
 /// The step of a GPU-aware checkpoint or restore that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuStep {
+    /// Choosing how to handle the GPU state, before anything was changed.
+    Backend,
     /// Locking CUDA work (bounded by the lock timeout).
     Lock,
     /// Copying device memory to the host.
@@ -127,4 +129,78 @@ pub fn restore_gpu_process(
         driver.unlock(*p).map_err(|e| gpu_error(GpuStep::Unlock, e.to_string(), kill_tree()))?;
     }
     Ok(report)
+}
+
+/// Checkpoints like [`checkpoint_gpu_process`], with the GPU steps done by `backend`: Kybernate's own
+/// driver, or CRIU's CUDA plugin inside the dump (then Kybernate does none, so nothing is done twice).
+/// With GPU checkpointing off, a tree with GPU processes is refused before anything changes: CRIU
+/// cannot dump their GPU state.
+pub fn checkpoint_with_backend(
+    backend: &GpuBackend,
+    criu: &Criu,
+    pid: i32,
+    gpu_pids: &[i32],
+    image_dir: &Path,
+    opts: &CheckpointOptions,
+    lock_timeout: Duration,
+) -> Result<CheckpointReport> {
+    match backend {
+        GpuBackend::Driver { driver, .. } => {
+            checkpoint_gpu_process(driver.as_ref(), criu, pid, gpu_pids, image_dir, opts, lock_timeout)
+        }
+        GpuBackend::Off { reason } if !gpu_pids.is_empty() => Err(gpu_error(
+            GpuStep::Backend,
+            format!(
+                "processes {gpu_pids:?} use a GPU but GPU checkpointing is unavailable ({reason}); set gpu_backend \
+                 to a backend this node has, or do not checkpoint this workload"
+            ),
+            "nothing was changed; the workload keeps running".into(),
+        )),
+        GpuBackend::CriuPlugin { .. } | GpuBackend::Off { .. } => checkpoint_process(criu, pid, image_dir, opts),
+    }
+}
+
+/// Restores a tree with GPU state like [`restore_gpu_process`], onto the GPUs `mapping` names (from
+/// [`check_restore`](super::check_restore)). Refused before anything is restored when the state
+/// cannot land where `mapping` says: CRIU's CUDA plugin restores GPU state itself, onto the
+/// checkpoint's own GPUs, so it rules out moving to other GPUs; and with GPU checkpointing off the
+/// state cannot be restored at all.
+pub fn restore_with_backend(
+    backend: &GpuBackend,
+    criu: &Criu,
+    image_dir: &Path,
+    opts: &RestoreOptions,
+    mapping: &GpuMapping,
+) -> Result<RestoreReport> {
+    let refuse = |detail: String| Err(gpu_error(GpuStep::Backend, detail, "nothing was restored".into()));
+    let moves = || {
+        mapping
+            .assignments
+            .iter()
+            .filter(|a| a.old_uuid != a.new_uuid)
+            .map(|a| format!("{} -> {}", a.old_uuid, a.new_uuid))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match backend {
+        GpuBackend::Driver { criu_plugin: Some(plugin), .. } | GpuBackend::CriuPlugin { plugin }
+            if !mapping.is_identity() =>
+        {
+            refuse(format!(
+                "the GPU state must move to other GPUs ({}), but CRIU's CUDA plugin {} restores it onto the \
+                 checkpoint's own GPUs during `criu restore`; remove the plugin from CRIU's plugin directory \
+                 and use the driver-api or cuda-checkpoint backend, or restore on a node with the same GPUs",
+                moves(),
+                plugin.display()
+            ))
+        }
+        GpuBackend::Driver { driver, .. } => {
+            restore_gpu_process(driver.as_ref(), criu, image_dir, opts, &mapping.gpu_pairs())
+        }
+        GpuBackend::CriuPlugin { .. } => restore_process(criu, image_dir, opts),
+        GpuBackend::Off { reason } => refuse(format!(
+            "the checkpoint holds GPU state but GPU checkpointing is unavailable here ({reason}); restore on a \
+             node with a GPU checkpoint backend"
+        )),
+    }
 }
