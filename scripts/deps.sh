@@ -72,4 +72,7 @@ else
   die "criu check failed on this kernel (output above); CRIU cannot checkpoint here"
 fi
 
+# The sidecar's tests run against a real S3-compatible server on loopback.
+bash "$(dirname "${BASH_SOURCE[0]}")/../sidecar/scripts/install-s3s-fs.sh"
+
 say "done"

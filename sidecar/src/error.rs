@@ -1,0 +1,257 @@
+//! The sidecar's error type. Every variant names the object that failed and says what to do.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while shipping, fetching or managing bundles.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A filesystem operation failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done, e.g. "read bundle file".
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The bundle has no `COMPLETE` marker, so it must not be shipped or restored.
+    #[error(
+        "bundle {} has no COMPLETE marker: it is still being written or its checkpoint failed; \
+         it is not shipped or restored until COMPLETE exists",
+        bundle.display()
+    )]
+    NotComplete {
+        /// The bundle directory.
+        bundle: PathBuf,
+    },
+
+    /// The bundle contains something that cannot be archived (device node, fifo, socket).
+    #[error(
+        "bundle file {} is a {kind}, which a bundle must not contain; remove it or re-create the checkpoint",
+        path.display()
+    )]
+    UnsupportedFile {
+        /// The offending file.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+
+    /// An object key is malformed (empty, absolute, `..` components, …).
+    #[error("invalid object key `{key}`: {reason}")]
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// A bundle reference (`restore-from` value, CLI argument) could not be understood.
+    #[error(
+        "invalid bundle reference `{reference}`: {reason} \
+         (use a local path, file:///path/to/archive or s3://bucket/key)"
+    )]
+    InvalidReference {
+        /// The reference as given.
+        reference: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// The configuration is invalid.
+    #[error("invalid configuration `{key}`: {reason}")]
+    Config {
+        /// The setting (TOML key or flag).
+        key: String,
+        /// Why it was rejected and what to use instead.
+        reason: String,
+    },
+
+    /// The store rejected the credentials.
+    #[error(
+        "{location} rejected the credentials ({detail}); set AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to valid credentials; the local bundle was kept"
+    )]
+    Credentials {
+        /// The store (no secrets), e.g. `s3://bucket/prefix`.
+        location: String,
+        /// The error code the store gave.
+        detail: String,
+    },
+
+    /// A request to S3 failed.
+    #[error("S3 {operation} for s3://{bucket}/{key} failed after {attempts} attempt(s): {message}")]
+    S3 {
+        /// The S3 operation, e.g. `UploadPart`.
+        operation: &'static str,
+        /// The bucket.
+        bucket: String,
+        /// The object key.
+        key: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The full error chain (never contains credentials).
+        message: String,
+        /// Whether retrying later may succeed (network error, 5xx, throttling).
+        transient: bool,
+    },
+
+    /// Reading an object's bytes from the store failed part-way (short read, connection reset).
+    #[error("download of `{key}` from {location} was interrupted: {source}")]
+    Transfer {
+        /// The store location.
+        location: String,
+        /// The object key.
+        key: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The object does not exist in the store.
+    #[error("object `{key}` not found in {location}; list the store with `kybernate-sidecar ls`")]
+    NotFound {
+        /// The store location.
+        location: String,
+        /// The key that was looked up.
+        key: String,
+    },
+
+    /// The object's metadata record is missing or malformed.
+    #[error("metadata of object `{key}` is unusable: {reason}; push the bundle again")]
+    Metadata {
+        /// The object key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Downloaded data does not match the size or sha256 recorded at upload.
+    #[error(
+        "object `{key}` is corrupt: {what} is {actual}, expected {expected}; \
+         delete it (kybernate-sidecar rm) and push the bundle again"
+    )]
+    Integrity {
+        /// The object key.
+        key: String,
+        /// What was compared ("size", "sha256").
+        what: &'static str,
+        /// The recorded value.
+        expected: String,
+        /// The value found.
+        actual: String,
+    },
+
+    /// An archive entry is unsafe to extract; nothing was written outside the destination.
+    #[error(
+        "archive rejected at entry `{entry}`: {reason}; nothing was published to {}",
+        dest.display()
+    )]
+    UnsafeArchive {
+        /// The entry's path as written in the archive.
+        entry: String,
+        /// Why it is unsafe.
+        reason: String,
+        /// The destination that was not created.
+        dest: PathBuf,
+    },
+
+    /// The archive is larger than the configured extraction limits.
+    #[error(
+        "archive exceeds the {what} limit of {limit} while extracting into {}; \
+         raise [limits] in sidecar.toml if the bundle is genuine",
+        dest.display()
+    )]
+    LimitExceeded {
+        /// Which limit.
+        what: &'static str,
+        /// The limit's value.
+        limit: u64,
+        /// The destination that was not created.
+        dest: PathBuf,
+    },
+
+    /// The destination of a fetch already exists.
+    #[error("destination {} already exists; remove it or pick another destination", path.display())]
+    DestinationExists {
+        /// The existing path.
+        path: PathBuf,
+    },
+
+    /// The archive stream could not be produced (tar/zstd writer failed).
+    #[error("cannot archive bundle {}: {source}", bundle.display())]
+    Archive {
+        /// The bundle directory.
+        bundle: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The archive could not be read (truncated, not a tar, bad zstd frame).
+    #[error("cannot read archive `{key}`: {source}; the object is damaged, push the bundle again")]
+    Unpack {
+        /// The object key.
+        key: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The filesystem watcher could not be set up.
+    #[error(
+        "cannot watch {} for new bundles: {source}; check that the directory exists and that \
+         fs.inotify.max_user_watches is large enough",
+        path.display()
+    )]
+    Watch {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: notify::Error,
+    },
+
+    /// A background task panicked or was cancelled.
+    #[error("internal task `{task}` stopped unexpectedly: {message}")]
+    Task {
+        /// Which task.
+        task: &'static str,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::Io`].
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { action, path: path.into(), source }
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::S3 { transient, .. } => *transient,
+            Error::Transfer { .. } => true,
+            Error::Io { source, .. } | Error::Archive { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn join_error(task: &'static str, e: tokio::task::JoinError) -> Error {
+    Error::Task { task, message: e.to_string() }
+}

@@ -1,0 +1,27 @@
+//! Kybernate's sidecar: ships finished checkpoint bundles from the node checkpoint directory to a
+//! store (a shared filesystem by default, or S3) as one streamed tar (optionally zstd), and fetches
+//! them back — verified and safely extracted — for restore.
+//!
+//! - [`daemon`]: watch the checkpoint directory and ship every bundle whose `COMPLETE` appears.
+//! - [`ship`]: ship one bundle and record it durably.
+//! - [`archive`]: the streaming tar/zstd producer.
+//! - [`store`]: the [`store::Store`] trait with [`store::FsStore`] and [`store::S3Store`].
+//! - [`fetch`]: [`fetch_bundle`] for the shim's `kybernate.io/restore-from` references.
+//! - [`extract`]: extraction that never writes outside its destination.
+//! - [`gc`]: per-container retention.
+
+pub mod archive;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod extract;
+pub mod fetch;
+mod fsutil;
+pub mod gc;
+pub mod metrics;
+pub mod retry;
+pub mod ship;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use fetch::{fetch_bundle, fetch_bundle_blocking, FetchOptions};

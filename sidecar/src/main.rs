@@ -1,0 +1,266 @@
+//! `kybernate-sidecar`: ship checkpoint bundles to a store and fetch them back.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use kybernate_sidecar::archive::{content_size, Progress};
+use kybernate_sidecar::config::{FileConfig, Overrides, Settings, DEFAULT_CONFIG_PATH};
+use kybernate_sidecar::daemon::{Daemon, DaemonConfig};
+use kybernate_sidecar::fetch::{fetch_object, open_reference, FetchOptions};
+use kybernate_sidecar::gc::{gc, GcPolicy};
+use kybernate_sidecar::ship::{ship_bundle, ShipOptions, ShipOutcome, StateDir};
+
+#[derive(Parser)]
+#[command(
+    name = "kybernate-sidecar",
+    version,
+    about = "Ship Kybernate checkpoint bundles to a store and fetch them back"
+)]
+struct Cli {
+    /// Config file (every key optional; a missing default file is fine).
+    #[arg(long, global = true, env = "KYBERNATE_SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Archive one complete bundle directory and upload it.
+    Push {
+        /// The bundle directory (must contain COMPLETE).
+        bundle: PathBuf,
+        /// Store key without suffix (default: the bundle's path relative to --checkpoint-dir).
+        #[arg(long)]
+        key: Option<String>,
+        /// Upload even if the bundle was already shipped.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Download, verify and extract a bundle to DEST (which must not exist).
+    Pull {
+        /// file:///path/to/archive, a path to an archive, or s3://bucket/key.
+        reference: String,
+        /// Directory to create.
+        dest: PathBuf,
+    },
+    /// List the archives in the store.
+    Ls {
+        /// Only keys starting with this.
+        prefix: Option<String>,
+    },
+    /// Delete one archive (and its record) from the store.
+    Rm {
+        /// The key as shown by `ls`.
+        key: String,
+    },
+    /// Apply retention per container (<namespace>/<pod>/<container>).
+    Gc {
+        /// Always keep the newest N archives of each container.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Delete (unprotected) archives older than this, e.g. 7d, 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_age: Option<std::time::Duration>,
+        /// Only consider keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Show what would be deleted without deleting.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Watch the checkpoint directory and ship every bundle whose COMPLETE appears.
+    Daemon,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs its work; one-shot commands print their result and log only problems.
+    let default_level = if matches!(cli.command, Command::Daemon) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kybernate-sidecar: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kybernate-sidecar: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn progress_bar(total: u64, verb: &str) -> Option<(ProgressBar, Progress)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(verb.to_string());
+    let b = bar.clone();
+    Some((bar, Arc::new(move |n| b.inc(n))))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (path, required) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let settings = Settings::resolve(FileConfig::load(&path, required)?, &cli.overrides)?;
+    match cli.command {
+        Command::Push { bundle, key, force } => push(&settings, &bundle, key, force).await,
+        Command::Pull { reference, dest } => {
+            let (store, info) = open_reference(&reference, &settings.s3).await?;
+            let bar = progress_bar(info.meta.size, "pull");
+            let opts = FetchOptions {
+                s3: settings.s3.clone(),
+                limits: settings.limits,
+                range_size: settings.s3.part_size,
+                concurrency: settings.s3.concurrency,
+                progress: bar.as_ref().map(|(_, p)| p.clone()),
+            };
+            let result = fetch_object(store, &info, &dest, &opts).await;
+            if let Some((bar, _)) = bar {
+                bar.finish_and_clear();
+            }
+            let dir = result?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+        Command::Ls { prefix } => {
+            let store = settings.store.open(&settings.s3).await?;
+            for o in store.list(prefix.as_deref().unwrap_or("")).await? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    o.key,
+                    HumanBytes(o.meta.size),
+                    o.meta.stored_at,
+                    &o.meta.sha256[..o.meta.sha256.len().min(16)]
+                );
+            }
+            Ok(())
+        }
+        Command::Rm { key } => {
+            let store = settings.store.open(&settings.s3).await?;
+            store.delete(&key).await?;
+            println!("deleted {key} from {}", store.location());
+            Ok(())
+        }
+        Command::Gc { keep_last, max_age, prefix, dry_run } => {
+            let store = settings.store.open(&settings.s3).await?;
+            let plan = gc(store.as_ref(), &prefix, &GcPolicy { keep_last, max_age }, dry_run).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for o in &plan.delete {
+                println!("{verb}\t{}", o.key);
+            }
+            println!("{verb} {}, kept {}", plan.delete.len(), plan.keep.len());
+            Ok(())
+        }
+        Command::Daemon => {
+            let store = settings.store.open(&settings.s3).await?;
+            let listener = tokio::net::TcpListener::bind(settings.metrics_addr).await.with_context(|| {
+                format!("cannot listen on {} for /metrics; pick another --metrics-addr", settings.metrics_addr)
+            })?;
+            let config = DaemonConfig {
+                ship: ShipOptions {
+                    archive: settings.archive.clone(),
+                    state: StateDir::for_checkpoint_dir(&settings.checkpoint_dir),
+                    force: false,
+                    progress: None,
+                },
+                checkpoint_dir: settings.checkpoint_dir.clone(),
+                rescan_interval: settings.rescan_interval,
+                drain_timeout: settings.drain_timeout,
+                backoff: settings.backoff,
+                max_depth: 6,
+            };
+            Daemon::new(config, store).run(Some(listener), shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn push(settings: &Settings, bundle: &Path, key: Option<String>, force: bool) -> anyhow::Result<()> {
+    let bundle = std::path::absolute(bundle)?;
+    let rel = match key {
+        Some(k) => k,
+        None => {
+            let root = std::path::absolute(&settings.checkpoint_dir)?;
+            match bundle.strip_prefix(&root).ok().and_then(|r| r.to_str()) {
+                Some(r) if !r.is_empty() => r.to_string(),
+                _ => bail!(
+                    "{} is not inside the checkpoint directory {}; pass --key <namespace>/<pod>/<container>/<time> \
+                     or --checkpoint-dir",
+                    bundle.display(),
+                    root.display()
+                ),
+            }
+        }
+    };
+    let store = settings.store.open(&settings.s3).await?;
+    let bar = progress_bar(content_size(&bundle)?, "push");
+    let opts = ShipOptions {
+        archive: settings.archive.clone(),
+        state: StateDir::for_checkpoint_dir(&settings.checkpoint_dir),
+        force,
+        progress: bar.as_ref().map(|(_, p)| p.clone()),
+    };
+    let result = ship_bundle(store.as_ref(), &bundle, &rel, &opts).await;
+    if let Some((bar, _)) = bar {
+        bar.finish_and_clear();
+    }
+    match result? {
+        ShipOutcome::Shipped { object, seconds, reused_bytes } => println!(
+            "shipped {} to {}/{} ({}, {:.1}s, {} resumed, sha256 {})",
+            bundle.display(),
+            store.location(),
+            object.key,
+            HumanBytes(object.meta.size),
+            seconds,
+            HumanBytes(reused_bytes),
+            object.meta.sha256
+        ),
+        ShipOutcome::AlreadyShipped(r) => {
+            println!("already shipped to {}/{} at {} (use --force to upload again)", r.location, r.key, r.shipped_at)
+        }
+        ShipOutcome::AlreadyInStore(o) => {
+            println!("already in {}/{} (same bundle); recorded as shipped", store.location(), o.key)
+        }
+    }
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,214 @@
+//! The `kybernate-sidecar` binary end to end: push, pull, ls, rm, gc, daemon; fs store and S3.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kybernate-sidecar");
+
+/// The binary with a clean environment (no config file, no AWS settings of the host).
+fn sidecar(ckpt: &Path, store: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", ckpt)
+        .env("RUST_LOG", "warn")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["--config", "/dev/null"])
+        .arg("--checkpoint-dir")
+        .arg(ckpt)
+        .args(["--store", store]);
+    c
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("runs the binary")
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn ls(ckpt: &Path, store: &str) -> Vec<String> {
+    ok(sidecar(ckpt, store).arg("ls")).lines().map(|l| l.split('\t').next().unwrap().to_string()).collect()
+}
+
+#[test]
+fn push_pull_ls_rm_gc_with_the_filesystem_store() {
+    let ckpt = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", store_dir.path().display());
+    let a: Vec<String> = (1..=3).map(|d| format!("team/web-0/app/2024-04-0{d}T08:00:00Z")).collect();
+    let b = "team/db-0/postgres/2024-04-01T08:00:00Z".to_string();
+    for (i, r) in a.iter().chain([&b]).enumerate() {
+        let dir = make_bundle(ckpt.path(), r, 256 << 10, 400 + i as u64, true);
+        let out = ok(sidecar(ckpt.path(), &store).arg("push").arg(&dir));
+        assert!(out.starts_with("shipped "), "{out}");
+    }
+    let again = ok(sidecar(ckpt.path(), &store).arg("push").arg(ckpt.path().join(&b)));
+    assert!(again.starts_with("already shipped"), "{again}");
+    assert_eq!(ls(ckpt.path(), &store).len(), 4);
+
+    // pull: exact destination, byte-identical; refuses to overwrite.
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("restored");
+    let key = format!("{}.tar.zst", a[0]);
+    let reference = format!("{store}/{key}");
+    let out = ok(sidecar(ckpt.path(), &store).args(["pull", &reference]).arg(&target));
+    assert_eq!(out.trim(), target.display().to_string());
+    assert_eq!(tree(&target), tree(&ckpt.path().join(&a[0])));
+    let err = fails(sidecar(ckpt.path(), &store).args(["pull", &reference]).arg(&target));
+    assert!(err.contains("already exists"), "{err}");
+
+    // gc: per container, keep the newest; dry run first.
+    let out = ok(sidecar(ckpt.path(), &store).args(["gc", "--keep-last", "1", "--dry-run"]));
+    assert!(out.contains("would delete 2, kept 2"), "{out}");
+    assert_eq!(ls(ckpt.path(), &store).len(), 4);
+    let out = ok(sidecar(ckpt.path(), &store).args(["gc", "--max-age", "100000d"]));
+    assert!(out.contains("deleted 0, kept 4"), "{out}");
+    let out = ok(sidecar(ckpt.path(), &store).args(["gc", "--keep-last", "1", "--max-age", "1h"]));
+    assert!(out.contains("deleted 2, kept 2"), "{out}");
+    assert_eq!(ls(ckpt.path(), &store), [format!("{b}.tar.zst"), format!("{}.tar.zst", a[2])]);
+    let err = fails(sidecar(ckpt.path(), &store).arg("gc"));
+    assert!(err.contains("--keep-last"), "{err}");
+
+    // rm
+    ok(sidecar(ckpt.path(), &store).args(["rm", &format!("{b}.tar.zst")]));
+    assert_eq!(ls(ckpt.path(), &store), [format!("{}.tar.zst", a[2])]);
+    let err = fails(sidecar(ckpt.path(), &store).args(["rm", &format!("{b}.tar.zst")]));
+    assert!(err.contains("not found"), "{err}");
+
+    // An incomplete bundle is refused with a clear message.
+    let partial = make_bundle(ckpt.path(), "team/web-0/app/2024-04-09T08:00:00Z", 1000, 9, false);
+    let err = fails(sidecar(ckpt.path(), &store).arg("push").arg(&partial));
+    assert!(err.contains("no COMPLETE marker"), "{err}");
+    // A bundle outside the checkpoint directory needs --key.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let stray = make_bundle(elsewhere.path(), "x", 1000, 10, true);
+    let err = fails(sidecar(ckpt.path(), &store).arg("push").arg(&stray));
+    assert!(err.contains("--key"), "{err}");
+    let out =
+        ok(sidecar(ckpt.path(), &store).args(["push", "--key", "other/pod/ctr/2024-04-01T00:00:00Z"]).arg(&stray));
+    assert!(out.starts_with("shipped"), "{out}");
+}
+
+#[test]
+fn s3_with_credentials_from_the_environment() {
+    let server = S3Server::start();
+    let ckpt = tempfile::tempdir().unwrap();
+    let store = format!("s3://{BUCKET}/cluster-b");
+    let with_env = |secret: &str| {
+        let mut c = sidecar(ckpt.path(), &store);
+        c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("AWS_REGION", "us-east-1")
+            .args(["--s3-endpoint", &server.endpoint(), "--s3-part-size-mib", "5"]);
+        c
+    };
+    let r = "team/gpu-0/trainer/2024-05-05T05:05:05Z";
+    let bundle = make_bundle(ckpt.path(), r, 12 * MIB, 500, true);
+    let before = tree(&bundle);
+
+    // Wrong secret: a clear error, the secret never printed, the bundle kept, nothing recorded.
+    let err = fails(with_env("wrong-secret-value").arg("push").arg(&bundle));
+    assert!(err.contains("rejected the credentials"), "{err}");
+    assert!(err.contains("AWS_SECRET_ACCESS_KEY"), "{err}");
+    assert!(!err.contains("wrong-secret-value"), "{err}");
+    assert_eq!(tree(&bundle), before);
+    assert!(!ckpt.path().join(".kybernate-sidecar/shipped").join(format!("{r}.json")).exists());
+
+    let out = ok(with_env(SECRET_KEY).args(["--compression", "none", "push"]).arg(&bundle));
+    assert!(out.contains(&format!("s3://{BUCKET}/cluster-b/{r}.tar")), "{out}");
+    let listed = ok(with_env(SECRET_KEY).arg("ls"));
+    assert!(listed.starts_with(&format!("{r}.tar\t")), "{listed}");
+
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("b");
+    ok(with_env(SECRET_KEY).args(["pull", &format!("s3://{BUCKET}/cluster-b/{r}.tar")]).arg(&target));
+    assert_eq!(tree(&target), before);
+
+    let out = ok(with_env(SECRET_KEY).args(["gc", "--keep-last", "0"]));
+    assert!(out.contains("deleted 1, kept 0"), "{out}");
+    assert_eq!(ok(with_env(SECRET_KEY).arg("ls")), "");
+}
+
+/// Kills the daemon process on drop.
+struct DaemonProcess(Child);
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_daemon(ckpt: &Path, store: &str, port: u16) -> DaemonProcess {
+    let child = sidecar(ckpt, store)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "daemon"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the daemon's metrics endpoint", Duration::from_secs(30), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    DaemonProcess(child)
+}
+
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn daemon_process_survives_sigkill() {
+    let ckpt = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", store_dir.path().display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let shipped = |r: &str| ckpt.path().join(".kybernate-sidecar/shipped").join(format!("{r}.json")).exists();
+
+    let first = spawn_daemon(ckpt.path(), &store, port);
+    let r1 = "ns/a/c/2024-07-01T00:00:00Z";
+    make_bundle(ckpt.path(), r1, MIB, 600, true);
+    wait_for("the first bundle to ship", Duration::from_secs(30), || shipped(r1));
+    // The record is written just before the daemon counts the shipment.
+    wait_for("the shipment to be counted", Duration::from_secs(10), || {
+        metrics(port).contains("kybernate_sidecar_bundles_shipped_total 1\n")
+    });
+    drop(first); // SIGKILL
+
+    // Finished while no daemon was running.
+    let r2 = "ns/b/c/2024-07-02T00:00:00Z";
+    make_bundle(ckpt.path(), r2, MIB, 601, true);
+    let _second = spawn_daemon(ckpt.path(), &store, port);
+    wait_for("the second bundle to ship", Duration::from_secs(30), || shipped(r2));
+    wait_for("the shipment to be counted", Duration::from_secs(10), || {
+        metrics(port).contains("kybernate_sidecar_bundles_shipped_total 1\n")
+    });
+    // Still 1 a moment later: the first bundle was not shipped again.
+    std::thread::sleep(Duration::from_millis(500));
+    let m = metrics(port);
+    assert!(m.contains("kybernate_sidecar_bundles_shipped_total 1\n"), "only the new bundle: {m}");
+    assert_eq!(ls(ckpt.path(), &store), [format!("{r1}.tar.zst"), format!("{r2}.tar.zst")]);
+}

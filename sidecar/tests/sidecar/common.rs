@@ -1,0 +1,279 @@
+//! Shared fixtures: bundle builders, tree comparison, and a real S3-compatible server (s3s-fs).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kybernate_sidecar::archive::{ArchiveOptions, Compression, Progress};
+use kybernate_sidecar::retry::RetryPolicy;
+use kybernate_sidecar::ship::{ShipOptions, StateDir};
+use kybernate_sidecar::store::{S3Options, StaticCredentials};
+use sha2::{Digest, Sha256};
+
+pub const ACCESS_KEY: &str = "kybernate-test";
+pub const SECRET_KEY: &str = "kybernate-test-secret";
+pub const BUCKET: &str = "bundles";
+pub const MIB: usize = 1 << 20;
+
+/// Writes a bundle at `root/rel` that looks like the shim's: CRIU images, dumps, manifest, a
+/// symlink and (if `complete`) the COMPLETE marker. `image_bytes` of pseudo-random (incompressible)
+/// data is spread over the image files; `seed` makes bundles differ.
+pub fn make_bundle(root: &Path, rel: &str, image_bytes: usize, seed: u64, complete: bool) -> PathBuf {
+    let dir = root.join(rel);
+    std::fs::create_dir_all(dir.join("checkpoint")).unwrap();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut write = |name: &str, len: usize, compressible: bool| {
+        let data: Vec<u8> = if compressible {
+            (0..len).map(|i| b"criu image text "[i % 16]).collect()
+        } else {
+            (0..len).map(|_| rng.u8(..)).collect()
+        };
+        std::fs::write(dir.join(name), data).unwrap();
+    };
+    write("checkpoint/pages-1.img", image_bytes / 2, false);
+    write("checkpoint/pages-2.img", image_bytes - image_bytes / 2, false);
+    write("checkpoint/pagemap-1.img", 64 << 10, true);
+    write("checkpoint/core-1.img", 3000, true);
+    write("checkpoint/empty.img", 0, false);
+    write("config.dump", 700, true);
+    write("spec.dump", 4000, true);
+    write("rootfs-diff.tar", 10 << 10, true);
+    write("deleted.files", 0, false);
+    write("stats-dump", 120, true);
+    write("kybernate.json", 900, true);
+    std::fs::set_permissions(dir.join("checkpoint/core-1.img"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("pages-1.img", dir.join("checkpoint/current.img")).unwrap();
+    if complete {
+        mark_complete(&dir);
+    }
+    dir
+}
+
+/// Writes COMPLETE the way the shim does: to a temp name, then renamed into place.
+pub fn mark_complete(dir: &Path) {
+    let tmp = dir.join(".COMPLETE.tmp");
+    std::fs::write(&tmp, b"ok\n").unwrap();
+    std::fs::rename(&tmp, dir.join("COMPLETE")).unwrap();
+}
+
+/// Every entry of a tree: relative path → (kind, mode, content sha256 or link target).
+pub fn tree(dir: &Path) -> BTreeMap<String, (char, u32, String)> {
+    fn visit(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, u32, String)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let mode = md.mode() & 0o7777;
+            if md.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(rel, ('l', 0, t.to_string_lossy().into_owned()));
+            } else if md.is_dir() {
+                out.insert(rel, ('d', mode, String::new()));
+                visit(root, &p, out);
+            } else {
+                let h = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
+                out.insert(rel, ('f', mode, h));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    visit(dir, dir, &mut out);
+    out
+}
+
+/// Every path under `dir` (for "nothing was written here" checks).
+pub fn listing(dir: &Path) -> Vec<String> {
+    tree(dir).into_keys().collect()
+}
+
+/// Ship options writing state under `checkpoint_dir`.
+pub fn ship_opts(checkpoint_dir: &Path, compression: Compression) -> ShipOptions {
+    ShipOptions {
+        archive: ArchiveOptions { compression, zstd_threads: 2, ..ArchiveOptions::default() },
+        state: StateDir::for_checkpoint_dir(checkpoint_dir),
+        force: false,
+        progress: None,
+    }
+}
+
+/// A progress callback that blocks the archive writer once `at` bytes were read, until released
+/// or until the test drops its `Gate` (so a failing test never leaves the writer stuck).
+pub struct Gate {
+    inner: Arc<GateInner>,
+}
+
+struct GateInner {
+    at: AtomicU64,
+    read: AtomicU64,
+    stalled: AtomicBool,
+    released: AtomicBool,
+}
+
+impl Gate {
+    pub fn new(at: u64) -> Self {
+        Gate {
+            inner: Arc::new(GateInner {
+                at: AtomicU64::new(at),
+                read: AtomicU64::new(0),
+                stalled: AtomicBool::new(false),
+                released: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn progress(&self) -> Progress {
+        let weak = Arc::downgrade(&self.inner);
+        Arc::new(move |n| {
+            let Some(g) = weak.upgrade() else { return };
+            let total = g.read.fetch_add(n, Ordering::SeqCst) + n;
+            drop(g);
+            while let Some(g) = weak.upgrade() {
+                if g.released.load(Ordering::SeqCst) || total < g.at.load(Ordering::SeqCst) {
+                    return;
+                }
+                g.stalled.store(true, Ordering::SeqCst);
+                drop(g);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.inner.stalled.load(Ordering::SeqCst)
+    }
+
+    /// Lets the writer go on until `more` further bytes were read.
+    pub fn raise(&self, more: u64) {
+        self.inner.stalled.store(false, Ordering::SeqCst);
+        self.inner.at.fetch_add(more, Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.inner.released.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Polls `cond` every 10 ms; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Async variant of [`wait_for`].
+pub async fn wait_for_async(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("s3s-fs")).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME")
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string()))
+    {
+        candidates.push(Path::new(&home).join("bin/s3s-fs"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "s3s-fs is not installed, and the S3 tests need a real S3-compatible server: run \
+             sidecar/scripts/install-s3s-fs.sh (cargo install s3s-fs --version 0.14.1 --features \
+             binary --locked) or set S3S_FS=/path/to/s3s-fs"
+        )
+    })
+}
+
+/// A real s3s-fs server on a free loopback port, serving a temp directory. Killed on drop.
+pub struct S3Server {
+    pub port: u16,
+    pub data: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join(BUCKET)).unwrap();
+        let mut s = S3Server { port: free_port(), data, child: None };
+        s.restart();
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again (same port and data) after [`S3Server::stop`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(self.data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start s3s-fs");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        wait_for("s3s-fs to accept connections", Duration::from_secs(20), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+        });
+    }
+
+    /// Kills the server (SIGKILL), as a crash or network loss would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The file s3s-fs keeps an object in.
+    pub fn object_file(&self, key: &str) -> PathBuf {
+        self.data.path().join(BUCKET).join(key)
+    }
+
+    /// Options for this server with the right (or wrong) secret and fast retries.
+    pub fn options(&self, secret: &str) -> S3Options {
+        S3Options {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            force_path_style: true,
+            part_size: 5 * MIB as u64,
+            concurrency: 2,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base_delay: Duration::from_millis(50),
+                max_delay: Duration::from_millis(200),
+            },
+            attempt_timeout: Duration::from_secs(60),
+            credentials: Some(StaticCredentials { access_key_id: ACCESS_KEY.into(), secret_access_key: secret.into() }),
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

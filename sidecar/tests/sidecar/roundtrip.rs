@@ -1,0 +1,205 @@
+//! push → pull round trips through the filesystem store and a real S3 server, byte-identical.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kybernate_sidecar::archive::{archive_bundle, ArchiveOptions, Compression};
+use kybernate_sidecar::fetch::{fetch_bundle, fetch_bundle_blocking, FetchOptions};
+use kybernate_sidecar::ship::{ship_bundle, ShipOutcome};
+use kybernate_sidecar::store::{
+    FsStore, PutRequest, S3Store, Store, LABEL_BUNDLE, LABEL_CHECKPOINT_TIME, LABEL_FINGERPRINT,
+};
+use kybernate_sidecar::Error;
+
+use crate::common::*;
+
+const REL: &str = "default/web-0/app/2024-05-01T10:00:00Z";
+
+/// Ships a fresh bundle to `store`, pulls it back through `reference(key)` and compares trees.
+async fn round_trip(
+    store: Arc<dyn Store>,
+    compression: Compression,
+    fetch: FetchOptions,
+    reference: impl Fn(&str) -> String,
+) {
+    let ckpt = tempfile::tempdir().unwrap();
+    let bundle = make_bundle(ckpt.path(), REL, 12 * MIB, 7, true);
+    let before = tree(&bundle);
+    let opts = ship_opts(ckpt.path(), compression);
+
+    let outcome = ship_bundle(store.as_ref(), &bundle, REL, &opts).await.unwrap();
+    let ShipOutcome::Shipped { object, reused_bytes, .. } = outcome else {
+        panic!("expected a fresh upload, got {outcome:?}");
+    };
+    assert_eq!(reused_bytes, 0);
+    assert_eq!(object.key, format!("{REL}{}", compression.suffix()));
+    assert_eq!(object.meta.compression, compression);
+    assert_eq!(object.meta.labels[LABEL_BUNDLE], REL);
+    assert_eq!(object.meta.labels[LABEL_CHECKPOINT_TIME], "2024-05-01T10:00:00Z");
+    assert_eq!(object.meta.labels[LABEL_FINGERPRINT].len(), 64);
+    if compression == Compression::None {
+        assert!(object.meta.size > 12 * MIB as u64, "tar holds all image bytes");
+    }
+    let record = opts.state.shipped(REL).unwrap().expect("shipped record written");
+    assert_eq!(record.sha256, object.meta.sha256);
+    assert_eq!(record.size, object.meta.size);
+
+    // Listed, and shipping again is a no-op.
+    let listed = store.list("default/").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0], object);
+    let again = ship_bundle(store.as_ref(), &bundle, REL, &opts).await.unwrap();
+    assert!(matches!(again, ShipOutcome::AlreadyShipped(_)), "{again:?}");
+
+    // Pull back into a node checkpoint directory: same layout, same bytes, same modes.
+    let dest_root = tempfile::tempdir().unwrap();
+    let got = fetch_bundle(&reference(&object.key), dest_root.path(), &fetch).await.unwrap();
+    assert_eq!(got, dest_root.path().join(REL));
+    assert_eq!(tree(&got), before, "pulled bundle differs from the original");
+    assert_eq!(tree(&bundle), before, "the local bundle must be kept as it was");
+    assert_no_temp_files(dest_root.path());
+    // Fetching again reuses the complete bundle already there.
+    let again = fetch_bundle(&reference(&object.key), dest_root.path(), &fetch).await.unwrap();
+    assert_eq!(again, got);
+
+    // Delete: gone from the listing, and deleting twice says so.
+    store.delete(&object.key).await.unwrap();
+    assert!(store.list("").await.unwrap().is_empty());
+    assert!(store.head(&object.key).await.unwrap().is_none());
+    let err = store.delete(&object.key).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_store_round_trip_plain_tar() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let root = store_dir.path().to_path_buf();
+    round_trip(Arc::new(FsStore::new(root.clone())), Compression::None, FetchOptions::default(), |key| {
+        format!("file://{}/{key}", root.display())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_store_round_trip_zstd() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let root = store_dir.path().to_path_buf();
+    round_trip(
+        Arc::new(FsStore::new(root.clone())),
+        Compression::Zstd,
+        FetchOptions::default(),
+        // A plain path to the archive works as well as a file:// URL.
+        |key| root.join(key).display().to_string(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_round_trip_plain_tar_multipart() {
+    let server = S3Server::start();
+    let opts = server.options(SECRET_KEY);
+    let store = S3Store::connect(BUCKET.into(), "cluster-a".into(), opts.clone()).await.unwrap();
+    let fetch =
+        FetchOptions { s3: opts.clone(), range_size: 3 * MIB as u64, concurrency: 3, ..FetchOptions::default() };
+    round_trip(Arc::new(store), Compression::None, fetch, |key| format!("s3://{BUCKET}/cluster-a/{key}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_round_trip_zstd() {
+    let server = S3Server::start();
+    let opts = server.options(SECRET_KEY);
+    let store = S3Store::connect(BUCKET.into(), String::new(), opts.clone()).await.unwrap();
+    let fetch = FetchOptions { s3: opts.clone(), ..FetchOptions::default() };
+    round_trip(Arc::new(store), Compression::Zstd, fetch, |key| format!("s3://{BUCKET}/{key}")).await;
+}
+
+#[test]
+fn blocking_fetch_and_local_references() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let ckpt = tempfile::tempdir().unwrap();
+    let bundle = make_bundle(ckpt.path(), REL, MIB, 3, true);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = FsStore::new(store_dir.path().to_path_buf());
+    let shipped = rt.block_on(ship_bundle(&store, &bundle, REL, &ship_opts(ckpt.path(), Compression::Zstd))).unwrap();
+    let ShipOutcome::Shipped { object, .. } = shipped else { panic!("{shipped:?}") };
+    drop(rt);
+
+    let dest = tempfile::tempdir().unwrap();
+    let reference = format!("file://{}/{}", store_dir.path().display(), object.key);
+    let got = fetch_bundle_blocking(&reference, dest.path(), &FetchOptions::default()).unwrap();
+    assert_eq!(tree(&got), tree(&bundle));
+
+    // A local bundle directory is used in place; an incomplete one is refused.
+    let local = fetch_bundle_blocking(bundle.to_str().unwrap(), dest.path(), &FetchOptions::default()).unwrap();
+    assert_eq!(local, bundle);
+    let partial = make_bundle(ckpt.path(), "ns/p/c/2024-01-01T00:00:00Z", 1000, 4, false);
+    let err = fetch_bundle_blocking(partial.to_str().unwrap(), dest.path(), &FetchOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::NotComplete { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_bundle_is_never_shipped_nor_restored() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let ckpt = tempfile::tempdir().unwrap();
+    let store = FsStore::new(store_dir.path().to_path_buf());
+    let rel = "ns/pod/ctr/2024-02-02T00:00:00Z";
+    let bundle = make_bundle(ckpt.path(), rel, MIB, 5, false);
+    let opts = ship_opts(ckpt.path(), Compression::Zstd);
+
+    let err = ship_bundle(&store, &bundle, rel, &opts).await.unwrap_err();
+    assert!(matches!(err, Error::NotComplete { .. }), "{err}");
+    assert!(err.to_string().contains("COMPLETE"), "{err}");
+    assert!(store.list("").await.unwrap().is_empty());
+    assert!(opts.state.shipped(rel).unwrap().is_none());
+    assert!(!store_dir.path().join("ns").exists(), "nothing written to the store");
+
+    // An archive of an incomplete bundle that reached a store anyway is refused at restore.
+    let key = "ns/pod/ctr/incomplete.tar";
+    let body =
+        archive_bundle(&bundle, &ArchiveOptions { compression: Compression::None, ..ArchiveOptions::default() }, None);
+    store
+        .put(
+            &PutRequest {
+                key: key.into(),
+                compression: Compression::None,
+                labels: Default::default(),
+                resume_file: None,
+            },
+            body,
+        )
+        .await
+        .unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let reference = format!("file://{}/{key}", store_dir.path().display());
+    let err = fetch_bundle(&reference, dest.path(), &FetchOptions::default()).await.unwrap_err();
+    assert!(matches!(err, Error::NotComplete { .. }), "{err}");
+    assert!(listing(dest.path()).iter().all(|p| !p.contains("incomplete")), "{:?}", listing(dest.path()));
+    assert!(!dest.path().join("ns/pod/ctr/incomplete").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_tar_is_readable_by_standard_tar() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let ckpt = tempfile::tempdir().unwrap();
+    let store = FsStore::new(store_dir.path().to_path_buf());
+    let bundle = make_bundle(ckpt.path(), REL, MIB, 9, true);
+    ship_bundle(&store, &bundle, REL, &ship_opts(ckpt.path(), Compression::None)).await.unwrap();
+    let archive = store.object_path(&format!("{REL}.tar")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(out.path())
+        .status()
+        .expect("tar is installed");
+    assert!(status.success());
+    assert_eq!(tree(out.path()), tree(&bundle));
+    assert_no_temp_files(store_dir.path());
+}
+
+fn assert_no_temp_files(dir: &Path) {
+    let leftovers: Vec<_> =
+        listing(dir).into_iter().filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with('.'))).collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
