@@ -1,0 +1,336 @@
+//! The shim's configuration file and the runtime options containerd passes with each task.
+//!
+//! The file is TOML; every key is optional and the defaults work with no file at all:
+//!
+//! ```toml
+//! runc_binary = "runc"                 # looked up on PATH unless absolute
+//! criu_binary = "/usr/local/sbin/criu" # default: `criu` on PATH
+//! runc_root = "/run/containerd/runc"   # the containerd namespace is appended
+//! log_level = "info"                   # a tracing filter: "debug", "kybernate_shim=trace", ...
+//! systemd_cgroup = false
+//! restore_timeout_secs = 600           # a hung CRIU restore is killed after this long
+//! checkpoint_on_stop = false           # checkpoint every container of this runtime when stopped
+//! checkpoint_dir = "/var/lib/kybernate/checkpoints"  # node checkpoint directory
+//! checkpoint_budget = "2m"             # a checkpoint on stop that takes longer is abandoned
+//! restore_dir = "/var/lib/kybernate/restore"  # where remote bundles are fetched for a restore
+//! sidecar_binary = "kybernate-sidecar" # fetches remote bundles (`kybernate-sidecar pull`)
+//! ```
+//!
+//! Its path is the `ConfigPath` of the runtime options (`runtimeoptions.v1.Options`, as CRI and
+//! `ctr run --runtime-config-path` send them), or [`DEFAULT_CONFIG_PATH`]. containerd's runc options
+//! (`containerd.runc.v1.Options`) are understood too and override the file where they are set.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::Message as _;
+use containerd_shim::protos::shim::oci::{CheckpointOptions as RuncCheckpointOptions, Options as RuncOptions};
+use serde::Deserialize;
+
+use crate::error::{Result, ShimError};
+
+/// Where the configuration is read from when the runtime options name no file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kybernate/config.toml";
+/// runc's state root when neither the file nor the runtime options set one (as containerd's runc shim).
+pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
+/// Where remote bundles are fetched for a restore unless the file says otherwise.
+pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/kybernate/restore";
+/// The time budget of a checkpoint on stop unless the file says otherwise.
+pub const DEFAULT_CHECKPOINT_BUDGET: Duration = Duration::from_secs(120);
+
+/// The configuration file, with defaults for every key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShimConfig {
+    /// The runc binary (a bare name is looked up on PATH).
+    pub runc_binary: PathBuf,
+    /// The CRIU binary; `None` uses `criu` from PATH.
+    pub criu_binary: Option<PathBuf>,
+    /// runc's state root; the containerd namespace is appended.
+    pub runc_root: PathBuf,
+    /// A `tracing` filter directive for the shim's log.
+    pub log_level: String,
+    /// Let runc manage cgroups through systemd.
+    pub systemd_cgroup: bool,
+    /// Seconds after which a CRIU restore that has not finished is killed.
+    pub restore_timeout_secs: u64,
+    /// Checkpoint every container of this runtime handler when it is stopped, unless its
+    /// `kybernate.io/checkpoint-on-stop` annotation says `"false"`.
+    pub checkpoint_on_stop: bool,
+    /// The node checkpoint directory where checkpoints on stop are written.
+    pub checkpoint_dir: PathBuf,
+    /// How long a checkpoint on stop may take (a duration such as `90s` or `2m`); a slower one is
+    /// abandoned and the container stops as it would have without Kybernate.
+    pub checkpoint_budget: String,
+    /// Where bundles named by a remote `kybernate.io/restore-from` reference are fetched to.
+    pub restore_dir: PathBuf,
+    /// The sidecar binary that fetches remote bundles (a bare name is looked up on PATH).
+    pub sidecar_binary: PathBuf,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        ShimConfig {
+            runc_binary: PathBuf::from("runc"),
+            criu_binary: None,
+            runc_root: PathBuf::from(DEFAULT_RUNC_ROOT),
+            log_level: "info".into(),
+            systemd_cgroup: false,
+            restore_timeout_secs: checkpoint_core::DEFAULT_RESTORE_TIMEOUT.as_secs(),
+            checkpoint_on_stop: false,
+            checkpoint_dir: PathBuf::from(checkpoint_core::bundle::DEFAULT_CHECKPOINT_ROOT),
+            checkpoint_budget: "2m".into(),
+            restore_dir: PathBuf::from(DEFAULT_RESTORE_DIR),
+            sidecar_binary: PathBuf::from("kybernate-sidecar"),
+        }
+    }
+}
+
+impl ShimConfig {
+    /// Parses the text of a configuration file; `path` only appears in error messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        let config: ShimConfig = toml::from_str(text).map_err(|e| {
+            ShimError::InvalidArgument(format!(
+                "invalid shim config {}: {}; every key is optional, see docs/shim.md for the keys",
+                path.display(),
+                e.message()
+            ))
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Reads the file at `path`. A missing file yields the defaults unless `required` (a path named
+    /// explicitly in the runtime options must exist).
+    pub fn load(path: &Path, required: bool) -> Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => ShimConfig::from_toml(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(ShimConfig::default()),
+            Err(e) => Err(ShimError::InvalidArgument(format!(
+                "cannot read shim config {}: {e}; create it or fix ConfigPath in the runtime options",
+                path.display()
+            ))),
+        }
+    }
+
+    /// How long a restore may take.
+    pub fn restore_timeout(&self) -> Duration {
+        Duration::from_secs(self.restore_timeout_secs)
+    }
+
+    /// How long a checkpoint on stop may take (validated when the file was read).
+    pub fn checkpoint_budget(&self) -> Duration {
+        humantime::parse_duration(&self.checkpoint_budget).unwrap_or(DEFAULT_CHECKPOINT_BUDGET)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let invalid =
+            |what: String| ShimError::InvalidArgument(format!("invalid shim config {}: {what}", path.display()));
+        if self.runc_binary.as_os_str().is_empty() {
+            return Err(invalid("runc_binary is empty; remove the key to use runc from PATH".into()));
+        }
+        if self.runc_root.is_relative() {
+            return Err(invalid(format!("runc_root {:?} must be an absolute path", self.runc_root)));
+        }
+        if self.restore_timeout_secs == 0 {
+            return Err(invalid("restore_timeout_secs must be at least 1".into()));
+        }
+        match humantime::parse_duration(&self.checkpoint_budget) {
+            Ok(d) if d.is_zero() => return Err(invalid(
+                "checkpoint_budget must be longer than zero; set checkpoint_on_stop = false to turn checkpoints off"
+                    .into(),
+            )),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(invalid(format!(
+                    "checkpoint_budget {:?} is not a duration ({e}); write it like \"90s\" or \"2m\"",
+                    self.checkpoint_budget
+                )))
+            }
+        }
+        for (key, path) in [("checkpoint_dir", &self.checkpoint_dir), ("restore_dir", &self.restore_dir)] {
+            if path.is_relative() {
+                return Err(invalid(format!("{key} {path:?} must be an absolute path")));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid(format!("log_level {:?} is not a tracing filter: {e}", self.log_level)))?;
+        Ok(())
+    }
+}
+
+/// `runtimeoptions.v1.Options`: what CRI and `ctr --runtime-config-path` send to non-runc runtimes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GenericRuntimeOptions {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(string, tag = "2")]
+    config_path: String,
+}
+
+/// The runtime options of one task, decoded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuntimeOptions {
+    /// Configuration file named by the options (must exist when named).
+    pub config_path: Option<PathBuf>,
+    /// containerd's runc options, when those were sent.
+    pub runc: Option<RuncOptions>,
+}
+
+impl RuntimeOptions {
+    /// Decodes the `options` of a CreateTaskRequest (absent options are fine).
+    pub fn decode(any: Option<&Any>) -> Result<Self> {
+        let Some(any) = any.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
+            return Ok(RuntimeOptions::default());
+        };
+        let name = type_name(&any.type_url);
+        match name {
+            "runtimeoptions.v1.Options" => {
+                let opts = <GenericRuntimeOptions as prost::Message>::decode(any.value.as_slice())
+                    .map_err(|e| ShimError::InvalidArgument(format!("runtime options {name} do not decode: {e}")))?;
+                let config_path = (!opts.config_path.is_empty()).then(|| PathBuf::from(opts.config_path));
+                Ok(RuntimeOptions { config_path, runc: None })
+            }
+            "containerd.runc.v1.Options" => {
+                let opts = RuncOptions::parse_from_bytes(&any.value)
+                    .map_err(|e| ShimError::InvalidArgument(format!("runtime options {name} do not decode: {e}")))?;
+                Ok(RuntimeOptions { config_path: None, runc: Some(opts) })
+            }
+            other => Err(ShimError::InvalidArgument(format!(
+                "runtime options of type {other:?} are not understood by io.containerd.kybernate.v1: \
+                 send runtimeoptions.v1.Options (ConfigPath) or containerd.runc.v1.Options"
+            ))),
+        }
+    }
+
+    /// The configuration these options select: the file they name (which must exist) or the default
+    /// file (which may be absent), with the runc options applied on top.
+    pub fn config(&self) -> Result<ShimConfig> {
+        let mut config = match &self.config_path {
+            Some(path) => ShimConfig::load(path, true)?,
+            None => ShimConfig::load(Path::new(DEFAULT_CONFIG_PATH), false)?,
+        };
+        if let Some(runc) = &self.runc {
+            if !runc.binary_name.is_empty() {
+                config.runc_binary = PathBuf::from(&runc.binary_name);
+            }
+            if !runc.root.is_empty() {
+                config.runc_root = PathBuf::from(&runc.root);
+            }
+            config.systemd_cgroup |= runc.systemd_cgroup;
+        }
+        Ok(config)
+    }
+}
+
+/// The message name of a type URL (`type.googleapis.com/a.b.C` and `a.b.C` both give `a.b.C`).
+fn type_name(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
+}
+
+/// Decodes the options of a CheckpointTaskRequest. Absent options mean containerd's defaults for a
+/// runtime it does not know (`ctr t checkpoint` sends none to us): leave the task running.
+pub fn decode_checkpoint_options(any: Option<&Any>) -> Result<RuncCheckpointOptions> {
+    let Some(any) = any.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
+        return Ok(RuncCheckpointOptions::default());
+    };
+    match type_name(&any.type_url) {
+        "containerd.runc.v1.CheckpointOptions" => RuncCheckpointOptions::parse_from_bytes(&any.value)
+            .map_err(|e| ShimError::InvalidArgument(format!("checkpoint options do not decode: {e}"))),
+        other => Err(ShimError::InvalidArgument(format!(
+            "checkpoint options of type {other:?} are not understood: send containerd.runc.v1.CheckpointOptions"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(type_url: &str, value: Vec<u8>) -> Any {
+        Any { type_url: type_url.into(), value, ..Default::default() }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = ShimConfig::from_toml("", Path::new("x.toml")).unwrap();
+        assert_eq!(config, ShimConfig::default());
+        assert_eq!(config.runc_root, Path::new(DEFAULT_RUNC_ROOT));
+        assert_eq!(config.restore_timeout(), checkpoint_core::DEFAULT_RESTORE_TIMEOUT);
+    }
+
+    #[test]
+    fn keys_are_read_and_unknown_ones_refused() {
+        let text =
+            "runc_binary = \"/opt/runc\"\ncriu_binary = \"/opt/criu\"\nrunc_root = \"/run/k\"\nlog_level = \"debug\"\n\
+                    systemd_cgroup = true\nrestore_timeout_secs = 5\n";
+        let config = ShimConfig::from_toml(text, Path::new("x.toml")).unwrap();
+        assert_eq!(config.runc_binary, Path::new("/opt/runc"));
+        assert_eq!(config.criu_binary.as_deref(), Some(Path::new("/opt/criu")));
+        assert!(config.systemd_cgroup);
+        assert_eq!(config.restore_timeout(), Duration::from_secs(5));
+        assert_eq!(config.checkpoint_budget(), DEFAULT_CHECKPOINT_BUDGET);
+
+        let config = ShimConfig::from_toml(
+            "checkpoint_on_stop = true\ncheckpoint_budget = \"250ms\"\ncheckpoint_dir = \"/c\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert!(config.checkpoint_on_stop);
+        assert_eq!(config.checkpoint_budget(), Duration::from_millis(250));
+        assert_eq!(config.checkpoint_dir, Path::new("/c"));
+        for bad in ["checkpoint_budget = \"soon\"", "checkpoint_budget = \"0s\"", "restore_dir = \"rel\""] {
+            let err = ShimConfig::from_toml(bad, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(err.contains(bad.split(' ').next().unwrap()), "{bad}: {err}");
+        }
+
+        let err = ShimConfig::from_toml("runc_bin = \"x\"", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("runc_bin") && err.contains("x.toml"), "{err}");
+        let err = ShimConfig::from_toml("runc_root = \"rel\"", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("absolute"), "{err}");
+        let err = ShimConfig::from_toml("log_level = \"=[\"", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("log_level"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_fine_unless_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        assert_eq!(ShimConfig::load(&path, false).unwrap(), ShimConfig::default());
+        assert!(matches!(ShimConfig::load(&path, true), Err(ShimError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn runtime_options_decode() {
+        assert_eq!(RuntimeOptions::decode(None).unwrap(), RuntimeOptions::default());
+
+        let generic = GenericRuntimeOptions { type_url: String::new(), config_path: "/etc/k.toml".into() };
+        let value = prost::Message::encode_to_vec(&generic);
+        let opts = RuntimeOptions::decode(Some(&any("runtimeoptions.v1.Options", value))).unwrap();
+        assert_eq!(opts.config_path.as_deref(), Some(Path::new("/etc/k.toml")));
+
+        let runc = RuncOptions { binary_name: "/usr/bin/runc".into(), root: "/run/r".into(), ..Default::default() };
+        let value = runc.write_to_bytes().unwrap();
+        let opts = RuntimeOptions::decode(Some(&any("type.googleapis.com/containerd.runc.v1.Options", value))).unwrap();
+        let config =
+            ShimConfig { runc_binary: "/usr/bin/runc".into(), runc_root: "/run/r".into(), ..Default::default() };
+        // the default file may exist on a developer machine; only compare what the options set
+        let effective = opts.config().unwrap();
+        assert_eq!((effective.runc_binary, effective.runc_root), (config.runc_binary, config.runc_root));
+
+        let err = RuntimeOptions::decode(Some(&any("foo.Bar", vec![1]))).unwrap_err();
+        assert!(err.to_string().contains("foo.Bar"));
+    }
+
+    #[test]
+    fn checkpoint_options_decode() {
+        let opts = decode_checkpoint_options(None).unwrap();
+        assert!(!opts.exit);
+        let sent = RuncCheckpointOptions { exit: true, file_locks: true, ..Default::default() };
+        let value = sent.write_to_bytes().unwrap();
+        let opts = decode_checkpoint_options(Some(&any("containerd.runc.v1.CheckpointOptions", value))).unwrap();
+        assert!(opts.exit && opts.file_locks);
+        assert!(decode_checkpoint_options(Some(&any("x.Y", vec![]))).is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! Reaping: the shim is the child subreaper of everything runc and CRIU start, so container init
+//! processes, exec'd processes and restored trees are re-parented to it and must be waited for here.
+//!
+//! Two kinds of children share the process: short-lived tools (runc, CRIU via checkpoint-core) that
+//! their callers wait for with `std::process`, and the long-lived workload processes. A blanket
+//! `waitpid(-1)` would steal the tools' exit statuses, so it runs only while no tool runs: every tool
+//! is started under a [`ChildGuard`]. Workload processes are registered with [`Reaper::watch`] and
+//! waited for by pid at every `SIGCHLD`, guard or not, so their exits are never delayed.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::error::{Result, ShimError};
+
+/// Called with `(pid, exit status)` for every watched process that exits; the status is the exit
+/// code, or 128 + the signal number for a process killed by a signal (as containerd reports it).
+pub type ExitHandler = Box<dyn Fn(i32, u32) + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    /// Tool runs in progress; the blanket sweep waits until there are none.
+    tools: usize,
+    /// Workload processes whose exits are reported.
+    watched: HashSet<i32>,
+}
+
+/// The shim's reaper. Create one per process with [`Reaper::start`].
+pub struct Reaper {
+    state: Mutex<State>,
+    wake: UnixStream,
+}
+
+/// Held while a tool (runc, CRIU) runs as a child of the shim; see the module docs.
+pub struct ChildGuard<'a> {
+    reaper: &'a Reaper,
+}
+
+impl Drop for ChildGuard<'_> {
+    fn drop(&mut self) {
+        self.reaper.lock().tools -= 1;
+        self.reaper.nudge();
+    }
+}
+
+impl Reaper {
+    /// Makes this process a child subreaper, installs the `SIGCHLD` handler and starts the reaping
+    /// thread, which calls `on_exit` for watched processes.
+    pub fn start(on_exit: ExitHandler) -> Result<Arc<Reaper>> {
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| ShimError::Internal(format!("cannot become a child subreaper: {e}")))?;
+        let (mut rx, tx) = UnixStream::pair().map_err(|e| ShimError::io("creating the SIGCHLD pipe", e))?;
+        let signal_tx = tx.try_clone().map_err(|e| ShimError::io("cloning the SIGCHLD pipe", e))?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, signal_tx)
+            .map_err(|e| ShimError::io("installing the SIGCHLD handler", e))?;
+        tx.set_nonblocking(true).map_err(|e| ShimError::io("configuring the SIGCHLD pipe", e))?;
+        let reaper = Arc::new(Reaper { state: Mutex::new(State::default()), wake: tx });
+        let worker = Arc::clone(&reaper);
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                loop {
+                    match rx.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGCHLD pipe failed; no more exits will be reaped");
+                            return;
+                        }
+                    }
+                    for (pid, status) in worker.reap() {
+                        on_exit(pid, status);
+                    }
+                }
+            })
+            .map_err(|e| ShimError::io("starting the reaper thread", e))?;
+        Ok(reaper)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks the start of a tool run; drop the guard once the tool has been waited for.
+    pub fn guard(&self) -> ChildGuard<'_> {
+        self.lock().tools += 1;
+        ChildGuard { reaper: self }
+    }
+
+    /// Reports the exit of `pid` (a workload process re-parented to the shim) to the exit handler.
+    /// Register it before dropping the guard of the tool that started it, so no exit is missed.
+    pub fn watch(&self, pid: i32) {
+        if pid > 0 {
+            self.lock().watched.insert(pid);
+            self.nudge();
+        }
+    }
+
+    /// Stops reporting `pid` (its container is gone); a later exit is still reaped.
+    pub fn unwatch(&self, pid: i32) {
+        self.lock().watched.remove(&pid);
+    }
+
+    /// Wakes the reaping thread (a missed `SIGCHLD` costs nothing but a pass).
+    fn nudge(&self) {
+        let _ = (&self.wake).write(&[0]);
+    }
+
+    /// One pass: watched pids first, then everything else if no tool is running.
+    fn reap(&self) -> Vec<(i32, u32)> {
+        let watched: Vec<i32> = self.lock().watched.iter().copied().collect();
+        let mut exits = Vec::new();
+        for pid in watched {
+            if let Some(status) = wait_one(Pid::from_raw(pid)) {
+                exits.push((pid, status));
+            }
+        }
+        let mut state = self.lock();
+        if state.tools == 0 {
+            // Holding the lock keeps new tools from starting while we sweep.
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) => exits.push((pid.as_raw(), code as u32)),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) => exits.push((pid.as_raw(), 128 + sig as u32)),
+                    Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                    Ok(_) | Err(Errno::EINTR) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "waitpid failed");
+                        break;
+                    }
+                }
+            }
+        }
+        exits.retain(|(pid, status)| {
+            let known = state.watched.remove(pid);
+            if !known {
+                tracing::debug!(pid, status, "reaped an orphan");
+            }
+            known
+        });
+        exits
+    }
+}
+
+/// Waits for `pid` without blocking; its exit status if it has exited.
+fn wait_one(pid: Pid) -> Option<u32> {
+    loop {
+        return match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => Some(code as u32),
+            Ok(WaitStatus::Signaled(_, sig, _)) => Some(128 + sig as u32),
+            Err(Errno::EINTR) => continue,
+            // still running, stopped, or not (yet) our child
+            _ => None,
+        };
+    }
+}

@@ -1,0 +1,191 @@
+//! Checkpoint on stop and restore on create through `ctr` and a private containerd: an opted-in
+//! container is checkpointed into the node checkpoint directory when `ctr t kill` sends it SIGTERM,
+//! and a new container naming that bundle in `kybernate.io/restore-from` continues its counter.
+//! Containers that did not opt in stop exactly as before; a checkpoint over budget is abandoned and
+//! the container stops normally; a corrupt bundle is refused clearly, or skipped with
+//! `fallback-fresh`; two containers stopping at once each get their own bundle.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use checkpoint_core::bundle::{self, COMPLETE_MARKER, FAILED_MARKER};
+use common::*;
+use kybernate_tests::{read_counter, wait_for, Containerd, COUNTER_SCRIPT};
+
+mod common;
+
+const OPT_IN: &str = "kybernate.io/checkpoint-on-stop=true";
+/// The checkpoint directory of an instance started by [`setup_with`] with [`CHECKPOINTS`].
+const CHECKPOINTS: &str = "checkpoint_dir = \"{dir}/checkpoints\"\n";
+/// A counter that exits 7 on SIGTERM (a shell as pid 1 ignores signals it does not trap).
+const TRAPPING_COUNTER: &str =
+    "trap 'exit 7' TERM; i=0; while :; do i=$((i+1)); echo $i > /state/counter; sleep 0.1; done";
+
+fn checkpoint_root(c: &Containerd) -> PathBuf {
+    c.dir.path().join("checkpoints")
+}
+
+/// Every bundle directory (holding a marker) under the checkpoint root.
+fn bundles(c: &Containerd) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.join(COMPLETE_MARKER).exists() || path.join(FAILED_MARKER).exists() {
+                out.push(path);
+            } else if path.is_dir() {
+                walk(&path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&checkpoint_root(c), &mut out);
+    out.sort();
+    out
+}
+
+/// Runs `script` detached in container `id` with extra `ctr run` flags; waits for its counter.
+fn run_counter(c: &Containerd, image: &str, id: &str, flags: &[&str], script: &str) -> u64 {
+    ctr_run(c, &[&["-d"], flags].concat(), image, id, &["sh", "-c", script]).unwrap().ok("ctr run -d").unwrap();
+    counter_past(c, id, 3)
+}
+
+/// `ctr t kill` (SIGTERM), then waits for the task to stop and removes it; returns `ctr t rm`'s
+/// report (which carries the exit status) and the last counter value the container wrote.
+fn stop_and_remove(c: &Containerd, id: &str) -> (String, u64) {
+    c.ctr_ok(&["tasks", "kill", id]).unwrap();
+    c.wait_task_status(id, "STOPPED", TIMEOUT).unwrap();
+    let last = read_counter(&c.bundle(id)).unwrap();
+    let rm = c.ctr_run(&["tasks", "rm", id], TIMEOUT).unwrap();
+    assert_eq!(rm.code, Some(0), "{rm:?}");
+    c.ctr_ok(&["containers", "rm", id]).unwrap();
+    (format!("{}{}", rm.stdout, rm.stderr), last)
+}
+
+/// Takes a checkpoint on stop of a fresh opted-in counter container `id`; the bundle and the last value.
+fn checkpointed_bundle(c: &Containerd, image: &str, id: &str) -> (PathBuf, u64) {
+    run_counter(c, image, id, &["--annotation", OPT_IN], COUNTER_SCRIPT);
+    counter_past(c, id, 10);
+    let (rm, last) = stop_and_remove(c, id);
+    assert!(rm.contains("143"), "a checkpointed container exits as on SIGTERM (143): {rm}");
+    let found: Vec<PathBuf> = bundles(c).into_iter().filter(|b| b.components().any(|p| p.as_os_str() == id)).collect();
+    assert_eq!(found.len(), 1, "one bundle for {id}: {found:?}");
+    (found[0].clone(), last)
+}
+
+#[test]
+fn kill_checkpoints_an_opted_in_container_and_a_new_one_resumes_from_it() {
+    let (c, image) = setup_with(CHECKPOINTS);
+    let (bundle_dir, last) = checkpointed_bundle(&c, image, "ck1");
+
+    // <root>/<namespace>/<container id (no pod)>/<container>/<time>/, sealed with the KEP-2008 files.
+    let rel = bundle_dir.strip_prefix(checkpoint_root(&c)).unwrap();
+    let parts: Vec<_> = rel.iter().map(|p| p.to_string_lossy().to_string()).collect();
+    assert_eq!(parts[..3], [c.namespace.clone(), "ck1".into(), "ck1".into()], "{rel:?}");
+    let manifest = bundle::verify(&bundle_dir).unwrap();
+    assert_eq!(manifest.container.id, "ck1");
+    for file in
+        ["checkpoint/inventory.img", "config.dump", "spec.dump", "rootfs-diff.tar", "deleted.files", "stats-dump"]
+    {
+        assert!(manifest.files.contains_key(file), "{file} missing from {:?}", manifest.files.keys());
+    }
+    let config: serde_json::Value = serde_json::from_slice(&fs::read(bundle_dir.join("config.dump")).unwrap()).unwrap();
+    assert_eq!((config["id"].as_str(), config["name"].as_str()), (Some("ck1"), Some("ck1")), "{config}");
+    assert!(manifest.checkpoint.unwrap().memory_bytes > 0);
+
+    // A new container restores from it: the writable layer is back and the counter continues.
+    let restore = format!("kybernate.io/restore-from={}", bundle_dir.display());
+    ctr_run(&c, &["-d", "--annotation", &restore], image, "ck1b", &["sh", "-c", COUNTER_SCRIPT])
+        .unwrap()
+        .ok("ctr run with restore-from")
+        .unwrap();
+    let bundle_b = c.bundle("ck1b");
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while started.elapsed() < Duration::from_secs(2) {
+        seen.extend(read_counter(&bundle_b));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!seen.is_empty() && seen.iter().all(|v| *v >= last), "restarted instead of resumed: last {last}, {seen:?}");
+    assert!(seen.last().unwrap() > &last, "the restored counter does not advance: {seen:?}");
+    remove_task(&c, "ck1b");
+    // The restore read the bundle only: it still verifies.
+    bundle::verify(&bundle_dir).unwrap();
+}
+
+#[test]
+fn containers_that_did_not_opt_in_stop_unchanged() {
+    let (c, image) = setup_with(CHECKPOINTS);
+    run_counter(&c, image, "plain", &[], TRAPPING_COUNTER);
+    let started = Instant::now();
+    let (rm, _) = stop_and_remove(&c, "plain");
+    assert!(rm.contains("exit status 7") || rm.contains(" 7"), "the trap ran on SIGTERM: {rm}");
+    assert!(started.elapsed() < Duration::from_secs(10), "stop took {:?}", started.elapsed());
+    assert!(bundles(&c).is_empty(), "no bundle without opt-in: {:?}", bundles(&c));
+}
+
+#[test]
+fn a_checkpoint_over_budget_is_abandoned_and_the_container_stops_normally() {
+    let (c, image) = setup_with(&format!("{CHECKPOINTS}checkpoint_budget = \"1ms\"\n"));
+    run_counter(&c, image, "slow", &["--annotation", OPT_IN], TRAPPING_COUNTER);
+    let (rm, _) = stop_and_remove(&c, "slow");
+    // The container was thawed and got SIGTERM: its trap ran.
+    assert!(rm.contains('7'), "the container did not stop on its own SIGTERM handler: {rm}");
+    let found = bundles(&c);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].join(FAILED_MARKER).exists() && !found[0].join(COMPLETE_MARKER).exists());
+    let reason = fs::read_to_string(found[0].join(FAILED_MARKER)).unwrap();
+    assert!(reason.contains("did not finish within"), "{reason}");
+    let left: Vec<_> = fs::read_dir(&found[0]).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 1, "an abandoned bundle keeps only its FAILED marker: {left:?}");
+}
+
+#[test]
+fn a_corrupt_bundle_is_refused_clearly_or_skipped_with_fallback_fresh() {
+    let (c, image) = setup_with(CHECKPOINTS);
+    let (bundle_dir, last) = checkpointed_bundle(&c, image, "src");
+    let pages = fs::read_dir(bundle_dir.join("checkpoint"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
+        .unwrap();
+    let mut bytes = fs::read(&pages).unwrap();
+    bytes[0] ^= 0xff;
+    fs::write(&pages, bytes).unwrap();
+
+    let restore = format!("kybernate.io/restore-from={}", bundle_dir.display());
+    let out = ctr_run(&c, &["-d", "--annotation", &restore], image, "bad", &["sh", "-c", COUNTER_SCRIPT]).unwrap();
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert_ne!(out.code, Some(0), "{text}");
+    assert!(text.contains("sha256") && text.contains("fallback-fresh"), "unclear error: {text}");
+    assert_eq!(c.task_status("bad"), None, "a task was left behind");
+    let _ = c.ctr_run(&["containers", "rm", "bad"], TIMEOUT);
+
+    let flags = ["-d", "--annotation", &restore, "--annotation", "kybernate.io/restore-policy=fallback-fresh"];
+    ctr_run(&c, &flags, image, "fresh", &["sh", "-c", COUNTER_SCRIPT]).unwrap().ok("ctr run fallback-fresh").unwrap();
+    let first = wait_for("the fresh counter", TIMEOUT, || read_counter(&c.bundle("fresh"))).unwrap();
+    assert!(first < last, "fallback-fresh should start from scratch: first {first}, checkpointed at {last}");
+    remove_task(&c, "fresh");
+}
+
+#[test]
+fn two_containers_stopping_at_once_get_a_bundle_each() {
+    let (c, image) = setup_with(CHECKPOINTS);
+    for id in ["twin-a", "twin-b"] {
+        run_counter(&c, image, id, &["--annotation", OPT_IN], COUNTER_SCRIPT);
+    }
+    std::thread::scope(|s| {
+        let kills: Vec<_> = ["twin-a", "twin-b"].map(|id| s.spawn(|| stop_and_remove(&c, id))).into_iter().collect();
+        for kill in kills {
+            let (rm, _) = kill.join().unwrap();
+            assert!(rm.contains("143"), "{rm}");
+        }
+    });
+    let found = bundles(&c);
+    assert_eq!(found.len(), 2, "{found:?}");
+    for dir in found {
+        bundle::verify(&dir).unwrap();
+    }
+}

@@ -1,0 +1,172 @@
+//! Helpers shared by the test files that drive the shim through a private containerd with `ctr`.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use anyhow::Result;
+use kybernate_tests::{kybernate_shim_binary, read_counter, wait_for, Containerd, COUNTER_SCRIPT, KYBERNATE_RUNTIME};
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn setup() -> (Containerd, &'static str) {
+    let shim = kybernate_shim_binary().unwrap();
+    let containerd = Containerd::start(&shim).unwrap();
+    let image = containerd.import_busybox().unwrap();
+    (containerd, image)
+}
+
+/// `ctr run` arguments that select the Kybernate runtime with the instance's shim config.
+pub fn runtime_args(c: &Containerd) -> Vec<String> {
+    vec![
+        "--runtime".into(),
+        KYBERNATE_RUNTIME.into(),
+        "--runtime-config-path".into(),
+        c.shim_config.display().to_string(),
+    ]
+}
+
+pub fn ctr_run(
+    c: &Containerd,
+    flags: &[&str],
+    image: &str,
+    id: &str,
+    args: &[&str],
+) -> Result<kybernate_tests::CmdOutput> {
+    let mut all: Vec<String> = vec!["run".into()];
+    all.extend(flags.iter().map(|s| s.to_string()));
+    all.extend(runtime_args(c));
+    all.push(image.into());
+    all.push(id.into());
+    all.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    c.ctr_run(&refs, TIMEOUT)
+}
+
+/// Runs the counter container `id` detached and waits until it counted past `min`.
+pub fn start_counter(c: &Containerd, image: &str, id: &str, min: u64) -> u64 {
+    ctr_run(c, &["-d"], image, id, &["sh", "-c", COUNTER_SCRIPT]).unwrap().ok("ctr run -d").unwrap();
+    counter_past(c, id, min)
+}
+
+pub fn counter_past(c: &Containerd, id: &str, min: u64) -> u64 {
+    let bundle = c.bundle(id);
+    wait_for(&format!("the counter of {id} to pass {min}"), Duration::from_secs(30), || {
+        read_counter(&bundle).filter(|v| *v > min)
+    })
+    .unwrap()
+}
+
+pub fn remove_task(c: &Containerd, id: &str) -> kybernate_tests::CmdOutput {
+    let _ = c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", id], TIMEOUT);
+    c.wait_task_status(id, "STOPPED", TIMEOUT).unwrap();
+    let out = c.ctr_run(&["tasks", "rm", id], TIMEOUT).unwrap();
+    assert_eq!(out.code, Some(0), "ctr tasks rm {id}: {out:?}");
+    c.ctr_ok(&["containers", "rm", id]).unwrap();
+    out
+}
+
+/// Waits until the instance's shims exited (they do once their last container was deleted).
+pub fn wait_shims_gone(c: &Containerd) {
+    if let Err(e) = wait_for("the shim to exit", TIMEOUT, || c.shim_pids().is_empty().then_some(())) {
+        let threads: Vec<String> = c
+            .shim_pids()
+            .iter()
+            .flat_map(|pid| fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten())
+            .map(|t| {
+                let read = |f: &str| fs::read_to_string(t.path().join(f)).unwrap_or_default().trim().to_string();
+                format!("{:?} {} {} {}", t.file_name(), read("comm"), read("wchan"), read("stack").replace('\n', " | "))
+            })
+            .collect();
+        panic!("{e}: {:?}\nthreads: {threads:#?}\ncontainerd log:\n{}", c.shim_pids(), c.log_tail(60));
+    }
+}
+
+/// A ttrpc client of the shim serving task `id` (its address is in the bundle), for requests `ctr` of
+/// containerd 1.6 cannot send to a non-runc runtime.
+pub fn shim_client(c: &Containerd, id: &str) -> containerd_shim_protos::TaskClient {
+    let address = fs::read_to_string(c.bundle(id).join("address")).unwrap();
+    let client = containerd_shim_protos::ttrpc::Client::connect(address.trim()).unwrap();
+    containerd_shim_protos::TaskClient::new(client)
+}
+
+pub fn ttrpc_timeout() -> containerd_shim_protos::ttrpc::context::Context {
+    containerd_shim_protos::ttrpc::context::with_timeout(TIMEOUT.as_nanos() as i64)
+}
+
+/// A CheckpointTaskRequest for `id` into `path`, with runc's checkpoint options.
+pub fn checkpoint_request(
+    id: &str,
+    path: &Path,
+    opts: containerd_shim_protos::shim::oci::CheckpointOptions,
+) -> containerd_shim_protos::shim::shim::CheckpointTaskRequest {
+    use containerd_shim_protos::protobuf::Message;
+    containerd_shim_protos::shim::shim::CheckpointTaskRequest {
+        id: id.into(),
+        path: path.display().to_string(),
+        options: containerd_shim_protos::protobuf::MessageField::some(
+            containerd_shim_protos::protobuf::well_known_types::any::Any {
+                type_url: "containerd.runc.v1.CheckpointOptions".into(),
+                value: opts.write_to_bytes().unwrap(),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    }
+}
+
+/// `ctr events`, captured into a file until stopped.
+pub struct Events {
+    child: Child,
+    file: std::path::PathBuf,
+}
+
+impl Events {
+    pub fn start(c: &Containerd) -> Events {
+        let file = c.dir.path().join("events.txt");
+        let child = c
+            .ctr()
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&file).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Events { child, file }
+    }
+
+    pub fn text(&self) -> String {
+        fs::read_to_string(&self.file).unwrap_or_default()
+    }
+
+    /// Waits until an event line contains all of `needles`.
+    pub fn wait_for(&self, needles: &[&str]) -> String {
+        wait_for(&format!("an event with {needles:?}"), TIMEOUT, || {
+            self.text().lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
+        })
+        .unwrap_or_else(|e| panic!("{e}\nevents so far:\n{}", self.text()))
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Like [`setup`], with `shim_config` lines appended to the shim config; `{dir}` in them stands for
+/// the instance's directory.
+pub fn setup_with(shim_config: &str) -> (Containerd, &'static str) {
+    let shim = kybernate_shim_binary().unwrap();
+    let dir = tempfile::Builder::new().prefix("kt-").tempdir_in("/tmp").unwrap();
+    let options = kybernate_tests::ContainerdOptions {
+        shim_config: shim_config.replace("{dir}", &dir.path().display().to_string()),
+        ..Default::default()
+    };
+    let containerd = Containerd::start_with(dir, &shim, &options).unwrap();
+    let image = containerd.import_busybox().unwrap();
+    (containerd, image)
+}
