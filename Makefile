@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps build demo test lint fmt clean
+.PHONY: deps build demo test bench lint fmt clean
 
 ## deps: install containerd, runc, CRIU 4.x (built from source), protoc and test tools (idempotent)
 deps:
@@ -14,10 +14,10 @@ deps:
 build: deps
 	$(CARGO) build --workspace --release
 
-## demo: a live process checkpointed, killed and restored with its memory intact
+## demo: a live container checkpointed when stopped, shipped to the local store and resumed from it
 demo: deps
-	$(CARGO) build --release -p kybernate-examples
-	./target/release/checkpoint-restore-process
+	$(CARGO) build --release -p kybernate-examples -p kybernate-shim -p kybernate-sidecar
+	./target/release/stop-and-resume
 
 ## lint: formatting and clippy, warnings are errors
 lint:
@@ -27,6 +27,12 @@ lint:
 ## test: lint, then every unit and end-to-end test against real CRIU, runc and containerd
 test: deps lint
 	bash scripts/cargo-test.sh --workspace --no-fail-fast
+
+## bench: speed and memory against the stock runc shim, raw CRIU and tar, as ratios in one run
+bench: deps
+	$(CARGO) build --release -p kybernate-shim -p kybernate-sidecar
+	SHIM=$(CURDIR)/target/release/containerd-shim-kybernate-v1 bash shim/scripts/bench.sh
+	SIDECAR=$(CURDIR)/target/release/kybernate-sidecar bash sidecar/scripts/bench.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Kybernate's shim against containerd's stock runc shim, in one run on a private containerd:
+# Kybernate's shim against containerd's stock runc shim and raw CRIU, in one run on a private containerd:
 #   - shim memory per container (RSS and PSS of the shim processes) with N idle containers each;
 #   - `ctr c checkpoint --task` and `ctr c restore --live` time on the same workload (a shell counter);
-# and the ratios kybernate / runc-v2 (below 1 means Kybernate is smaller or faster).
+#   - stop-to-durable: checkpoint on stop (`ctr t kill` returns once the bundle is sealed and fsynced)
+#     of a container holding STOP_GIB GiB of memory, against raw `criu dump` + `sync` of the same
+#     program outside a container and against `ctr c checkpoint --task` with the stock shim;
+# and the ratios (below 1 means Kybernate is smaller or faster).
 #
 # Usage (as root, after `make deps`):
 #   shim/scripts/bench.sh
-#   N=20 ROUNDS=9 SHIM=/path/to/containerd-shim-kybernate-v1 shim/scripts/bench.sh
+#   N=20 ROUNDS=9 STOP_GIB=2 SHIM=/path/to/containerd-shim-kybernate-v1 shim/scripts/bench.sh
 # Without SHIM the release binary is built with cargo (honouring CARGO_TARGET_DIR). KEEP=1 keeps the
 # work directory (containerd's log, with the shims' logs) for inspection.
 #
@@ -17,6 +20,7 @@ set -euo pipefail
 
 N=${N:-10}
 ROUNDS=${ROUNDS:-5}
+STOP_GIB=${STOP_GIB:-2}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 KYBERNATE=io.containerd.kybernate.v1
 STOCK=io.containerd.runc.v2
@@ -26,7 +30,7 @@ COUNTER='i=0; while :; do i=$((i+1)); echo $i > /state/counter; sleep 0.1; done'
 die() { echo "bench: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (containerd, runc and CRIU need it)"
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
-for tool in containerd ctr runc criu containerd-shim-runc-v2 busybox sha256sum tar unshare; do
+for tool in containerd ctr runc criu containerd-shim-runc-v2 busybox sha256sum tar unshare gcc; do
     command -v "$tool" >/dev/null || die "$tool is missing: run \`make deps\`"
 done
 
@@ -48,6 +52,7 @@ now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 cleanup() {
     set +e
+    [ -n "${raw_pid:-}" ] && kill -KILL "$raw_pid" 2>/dev/null
     if [ -n "$CONTAINERD_PID" ]; then
         for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
         for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks rm -f "$t" >/dev/null 2>&1; done
@@ -221,6 +226,68 @@ for tag in kybernate runc; do
     RESTORE[$tag]=$(printf '%s\n' ${RS_TIMES[$tag]} | median)
 done
 
+# --- stop-to-durable of a container holding STOP_GIB GiB ----------------------------------------
+# A static program that fills its memory with incompressible data, says so in a file, then idles.
+mkdir -p "$WORK/hog"
+cat >"$WORK/hog.c" <<'C'
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    size_t n = (size_t)atol(argv[1]) << 30;
+    uint64_t *p = malloc(n), x = 88172645463325252ULL;
+    if (!p) return 1;
+    for (size_t i = 0; i < n / 8; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; p[i] = x; }
+    FILE *f = fopen(argv[2], "w");
+    fputs("ready\n", f);
+    fclose(f);
+    for (;;) sleep(1);
+}
+C
+gcc -O2 -static -o "$WORK/hog/hog" "$WORK/hog.c" || die "gcc -static failed (libc6-dev provides libc.a)"
+printf 'checkpoint_dir = "%s"\n' "$WORK/checkpoints" >"$WORK/shim.toml"
+HOG_MOUNT="type=bind,src=$WORK/hog,dst=/hog,options=rbind:ro"
+wait_file() {
+    for _ in $(seq 600); do [ -s "$1" ] && return 0; sleep 0.1; done
+    die "$1 did not appear"
+}
+rootfs_of() { echo "/proc/$CONTAINERD_PID/root$WORK/state/io.containerd.runtime.v2.task/$NS/$1/rootfs"; }
+sync
+
+echo "stop-to-durable: raw criu dump + sync of $STOP_GIB GiB..." >&2
+setsid "$WORK/hog/hog" "$STOP_GIB" "$WORK/raw-ready" </dev/null >/dev/null 2>&1 &
+raw_pid=$!
+wait_file "$WORK/raw-ready"
+t0=$(now_ms)
+criu dump -t "$raw_pid" -D "$WORK/raw-images" -o dump.log >/dev/null 2>&1 || die "raw criu dump failed (see $WORK/raw-images/dump.log)"
+sync
+t1=$(now_ms)
+wait "$raw_pid" 2>/dev/null || true
+STOP_RAW=$((t1 - t0))
+rm -rf "$WORK/raw-images"; sync
+
+echo "stop-to-durable: checkpoint on stop with $KYBERNATE..." >&2
+ctr_ run -d --runtime "$KYBERNATE" --runtime-config-path "$WORK/shim.toml" \
+    --annotation kybernate.io/checkpoint-on-stop=true --mount "$HOG_MOUNT" "$IMAGE" stop-k /hog/hog "$STOP_GIB" /state/ready >/dev/null
+wait_file "$(rootfs_of stop-k)/state/ready"
+t0=$(now_ms); ctr_ tasks kill stop-k >/dev/null; t1=$(now_ms)
+STOP_K=$((t1 - t0))
+STOP_BUNDLE=$(find "$WORK/checkpoints" -name COMPLETE | head -1)
+[ -n "$STOP_BUNDLE" ] || die "no sealed bundle after the checkpoint on stop (see containerd.log)"
+STOP_BYTES=$(du -sb "$(dirname "$STOP_BUNDLE")" | cut -f1)
+remove stop-k
+rm -rf "$WORK/checkpoints"; sync
+
+echo "stop-to-durable: ctr c checkpoint --task with $STOCK..." >&2
+ctr_ run -d --runtime "$STOCK" --mount "$HOG_MOUNT" "$IMAGE" stop-s /hog/hog "$STOP_GIB" /state/ready >/dev/null
+wait_file "$(rootfs_of stop-s)/state/ready"
+t0=$(now_ms); ctr_ containers checkpoint --task stop-s stop-s-img >/dev/null; sync; t1=$(now_ms)
+STOP_S=$((t1 - t0))
+remove stop-s
+ctr_ images rm --sync stop-s-img >/dev/null 2>&1 || true
+
 k=kybernate s=runc
 echo
 echo "Kybernate shim vs containerd-shim-runc-v2 — $(containerd --version | awk '{print $3}'), $(runc --version | head -1), CRIU $(criu --version | awk '/Version/ {print $2}')"
@@ -231,3 +298,8 @@ printf '%-40s %12s %12s %10s\n' "shim PSS per container (KiB)" "${PSS[$k]}" "${P
 printf '%-40s %12s %12s %10s\n' "ctr c checkpoint --task (ms)" "${CKPT[$k]}" "${CKPT[$s]}" "$(ratio "${CKPT[$k]}" "${CKPT[$s]}")"
 printf '%-40s %12s %12s %10s\n' "ctr c restore --live (ms)" "${RESTORE[$k]}" "${RESTORE[$s]}" "$(ratio "${RESTORE[$k]}" "${RESTORE[$s]}")"
 printf '%-40s %12s %12s\n' "restored counter continued" "${CONTINUED[$k]}" "${CONTINUED[$s]}"
+echo
+echo "stop-to-durable, $STOP_GIB GiB of memory (ms; bundle $((STOP_BYTES / 1048576)) MiB)"
+printf '%-40s %12s\n' "raw criu dump + sync" "$STOP_RAW"
+printf '%-40s %12s %14s\n' "kybernate checkpoint on stop" "$STOP_K" "$(ratio "$STOP_K" "$STOP_RAW")x raw"
+printf '%-40s %12s %14s\n' "runc-v2 ctr c checkpoint --task + sync" "$STOP_S" "$(ratio "$STOP_S" "$STOP_K")x ours"

@@ -678,6 +678,24 @@ impl Drop for Containerd {
                 let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+        // The (now empty) cgroups containerd made for this namespace (`/<namespace>/<id>`), in every
+        // hierarchy (cgroup v1 has one per controller, v2 one).
+        let hierarchies = fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path());
+        for dir in hierarchies.chain([PathBuf::from("/sys/fs/cgroup")]) {
+            remove_cgroup_tree(&dir.join(&self.namespace));
+        }
+    }
+}
+
+/// Removes an empty cgroup and its empty children (rmdir, deepest first); busy ones are left alone.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+        let _ = fs::remove_dir(dir);
     }
 }
 

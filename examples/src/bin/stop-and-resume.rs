@@ -1,0 +1,150 @@
+//! The Kybernate story on a private containerd: a container that opted in with
+//! `kybernate.io/checkpoint-on-stop` is stopped with `ctr t kill`, the shim checkpoints it into the node
+//! checkpoint directory before it exits, the sidecar ships the bundle to the local (filesystem) store,
+//! and a new container started with `kybernate.io/restore-from` naming the archive in that store is
+//! fetched back by the shim and resumes its counter where it stopped. Run as root after `make deps`
+//! (`make demo` does both).
+//!
+//! The shim and sidecar binaries are expected next to this program
+//! (`cargo build --release -p kybernate-shim -p kybernate-sidecar`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use checkpoint_core::bundle;
+use kybernate_tests::{read_counter, wait_for, Containerd, ContainerdOptions, KYBERNATE_RUNTIME, KYBERNATE_SHIM};
+
+/// The workload: a shell counter kept in memory, written to a file of its writable layer.
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /state/counter; sleep 0.1; done";
+
+fn main() -> Result<()> {
+    let shim = std::env::current_exe()?.with_file_name(KYBERNATE_SHIM);
+    let sidecar = std::env::current_exe()?.with_file_name("kybernate-sidecar");
+    for binary in [&shim, &sidecar] {
+        if !binary.is_file() {
+            bail!("{} not found: `cargo build --release -p kybernate-shim -p kybernate-sidecar`", binary.display());
+        }
+    }
+    let dir = tempfile::Builder::new().prefix("kybernate-demo-").tempdir_in("/tmp")?;
+    let checkpoints = dir.path().join("checkpoints");
+    let store = dir.path().join("store");
+    let options = ContainerdOptions {
+        shim_config: format!(
+            "checkpoint_dir = \"{}\"\nrestore_dir = \"{}\"\nsidecar_binary = \"{}\"\n",
+            checkpoints.display(),
+            dir.path().join("restore").display(),
+            sidecar.display()
+        ),
+        ..Default::default()
+    };
+    println!("==> starting a private containerd in {} with {KYBERNATE_RUNTIME}", dir.path().display());
+    let c = Containerd::start_with(dir, &shim, &options)?;
+    let image = c.import_busybox()?;
+    let runtime = ["--runtime", KYBERNATE_RUNTIME, "--runtime-config-path", &c.shim_config.display().to_string()]
+        .map(str::to_string);
+
+    println!("==> ctr run: container `counter` with kybernate.io/checkpoint-on-stop=true");
+    let mut run = vec!["run", "-d", "--annotation", "kybernate.io/checkpoint-on-stop=true"];
+    run.extend(runtime.iter().map(String::as_str));
+    run.extend([image, "counter", "sh", "-c", COUNTER]);
+    c.ctr_ok(&run)?;
+    let seen = wait_for("the counter to pass 20", Duration::from_secs(30), || {
+        read_counter(&c.bundle("counter")).filter(|v| *v > 20)
+    })?;
+    println!("    counter is at {seen} and counting");
+
+    println!("==> ctr tasks kill counter (SIGTERM): the shim checkpoints it before it exits");
+    let started = Instant::now();
+    c.ctr_ok(&["tasks", "kill", "counter"])?;
+    c.wait_task_status("counter", "STOPPED", Duration::from_secs(60))?;
+    let stop_time = started.elapsed();
+    let last = read_counter(&c.bundle("counter")).context("reading the last counter value")?;
+    let rm = c.ctr_run(&["tasks", "rm", "counter"], Duration::from_secs(60))?;
+    c.ctr_ok(&["containers", "rm", "counter"])?;
+    println!("    stopped at counter {last} in {stop_time:.2?} ({})", rm.stderr.trim());
+
+    let bundle_dir = find_bundle(&checkpoints)?;
+    let manifest = bundle::verify(&bundle_dir)?;
+    let report = manifest.checkpoint.as_ref().context("the manifest has no checkpoint report")?;
+    println!("==> bundle {}", bundle_dir.display());
+    println!(
+        "    frozen {:.2?}, CRIU dump {:.2?}, {} KiB of memory, {} files sealed with sha256",
+        report.timings.frozen,
+        report.timings.total,
+        report.memory_bytes / 1024,
+        manifest.files.len()
+    );
+    for name in ["config.dump", "spec.dump", "rootfs-diff.tar", "deleted.files", "stats-dump", "COMPLETE"] {
+        let size = fs::metadata(bundle_dir.join(name)).map(|m| m.len()).unwrap_or(0);
+        println!("    {name:<16} {size:>8} bytes");
+    }
+
+    println!("==> kybernate-sidecar push: the bundle goes to the local store {}", store.display());
+    let started = Instant::now();
+    let push = Command::new(&sidecar)
+        .arg("--checkpoint-dir")
+        .arg(&checkpoints)
+        .arg("--store")
+        .arg(&store)
+        .arg("push")
+        .arg(&bundle_dir)
+        .output()?;
+    if !push.status.success() {
+        bail!("kybernate-sidecar push failed: {}", String::from_utf8_lossy(&push.stderr));
+    }
+    println!("    {} ({:.2?})", String::from_utf8_lossy(&push.stdout).trim(), started.elapsed());
+    // <store>/<bundle path>.tar[.zst], next to its <...>.meta.json record
+    let stem = store.join(bundle_dir.strip_prefix(&checkpoints)?);
+    let archive = [".tar.zst", ".tar"]
+        .map(|suffix| PathBuf::from(format!("{}{suffix}", stem.display())))
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("the sidecar wrote no archive at {}.tar[.zst]", stem.display()))?;
+    fs::remove_dir_all(&bundle_dir)?;
+    println!("    local bundle removed: the restore must come from the store");
+
+    let reference = format!("file://{}", archive.display());
+    println!("==> ctr run: container `resumed` with kybernate.io/restore-from={reference}");
+    let restore = format!("kybernate.io/restore-from={reference}");
+    let mut run = vec!["run", "-d", "--annotation", &restore];
+    run.extend(runtime.iter().map(String::as_str));
+    run.extend([image, "resumed", "sh", "-c", COUNTER]);
+    let started = Instant::now();
+    c.ctr_ok(&run)?;
+    let restore_time = started.elapsed();
+    let first = wait_for("the restored counter to advance", Duration::from_secs(30), || {
+        read_counter(&c.bundle("resumed")).filter(|v| *v > last)
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let later = read_counter(&c.bundle("resumed")).unwrap_or(first);
+    println!("    fetched, verified and restored in {restore_time:.2?}: counter went on from {last} to {first}, then {later}");
+    if first <= last || later <= first {
+        bail!("the counter did not resume: last {last}, then {first}, {later}");
+    }
+    c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "resumed"], Duration::from_secs(30))?;
+    c.wait_task_status("resumed", "STOPPED", Duration::from_secs(30))?;
+    c.ctr_ok(&["tasks", "rm", "resumed"])?;
+    c.ctr_ok(&["containers", "rm", "resumed"])?;
+    println!("==> state survived the stop: {last} -> {first}");
+    Ok(())
+}
+
+/// The one sealed bundle under `root`.
+fn find_bundle(root: &Path) -> Result<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if bundle::is_complete(&dir) {
+            return Ok(dir);
+        }
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    bail!("no sealed bundle under {}: the checkpoint on stop did not happen (see the shim log)", root.display())
+}
