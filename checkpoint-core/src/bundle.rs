@@ -123,6 +123,11 @@ pub struct GpuProcess {
     pub gpu_uuid: Option<String>,
     /// Bytes of device memory; `null` when NVML could not tell or was not usable.
     pub memory_bytes: Option<u64>,
+    /// The pid inside the container's pid namespace at checkpoint time (the innermost `NSpid` of
+    /// `/proc/<pid>/status`), which CRIU gives the process again on restore: how a container restore
+    /// finds the restored process. `null` for process-tree checkpoints, and in older bundles.
+    #[serde(default)]
+    pub ns_pid: Option<i32>,
 }
 
 /// The GPU section of the manifest, present when the workload used a GPU (filled by

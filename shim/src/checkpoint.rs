@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use checkpoint_core::bundle::{self, ContainerIdentity, HostInfo, Manifest};
+use checkpoint_core::gpu::GpuRestorePlan;
 use checkpoint_core::{
     check_host, checkpoint_container, CgroupsMode, CheckpointOptions, CheckpointReport, Criu, CriuFlags,
     EmptyNamespace, OpenedBundle,
@@ -141,6 +142,9 @@ pub struct RestoreSource {
     pub manifest: Option<Arc<Manifest>>,
     /// The node bundle the images belong to, when restoring from `kybernate.io/restore-from`.
     pub bundle: Option<Arc<OpenedBundle>>,
+    /// The GPU state to restore after the processes, checked against this node's GPUs at Create;
+    /// `None` when the checkpoint holds none.
+    pub gpu: Option<Arc<GpuRestorePlan>>,
 }
 
 impl RestoreSource {
@@ -178,17 +182,19 @@ impl RestoreSource {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => CriuFlags::default(),
             Err(e) => return Err(ShimError::io(format!("reading {}", dir.join(CRIU_FLAGS_FILE).display()), e)),
         };
-        Ok(RestoreSource { image_dir: dir.to_path_buf(), flags, manifest, bundle: None })
+        Ok(RestoreSource { image_dir: dir.to_path_buf(), flags, manifest, bundle: None, gpu: None })
     }
 
     /// A node bundle (opened and verified) to restore: CRIU images in `checkpoint/`, flags from the
-    /// manifest, and the writable layer to re-apply at Create.
-    pub fn from_bundle(opened: OpenedBundle) -> RestoreSource {
+    /// manifest, the writable layer to re-apply at Create, and the GPU state `gpu` (checked against
+    /// this node) to restore after the processes.
+    pub fn from_bundle(opened: OpenedBundle, gpu: Option<GpuRestorePlan>) -> RestoreSource {
         RestoreSource {
             image_dir: opened.image_dir.clone(),
             flags: opened.manifest.criu_flags.clone().unwrap_or_default(),
             manifest: Some(Arc::new(opened.manifest.clone())),
             bundle: Some(Arc::new(opened)),
+            gpu: gpu.map(Arc::new),
         }
     }
 }

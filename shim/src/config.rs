@@ -14,6 +14,7 @@
 //! checkpoint_budget = "2m"             # a checkpoint on stop that takes longer is abandoned
 //! restore_dir = "/var/lib/kybernate/restore"  # where remote bundles are fetched for a restore
 //! sidecar_binary = "kybernate-sidecar" # fetches remote bundles (`kybernate-sidecar pull`)
+//! gpu_backend = "auto"                 # auto | driver-api | cuda-checkpoint | criu-plugin | off
 //! ```
 //!
 //! Its path is the `ConfigPath` of the runtime options (`runtimeoptions.v1.Options`, as CRI and
@@ -23,6 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use checkpoint_core::gpu::GpuBackendChoice;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message as _;
 use containerd_shim::protos::shim::oci::{CheckpointOptions as RuncCheckpointOptions, Options as RuncOptions};
@@ -38,6 +40,14 @@ pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
 pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/kybernate/restore";
 /// The time budget of a checkpoint on stop unless the file says otherwise.
 pub const DEFAULT_CHECKPOINT_BUDGET: Duration = Duration::from_secs(120);
+/// Every value `gpu_backend` accepts.
+pub const GPU_BACKENDS: [GpuBackendChoice; 5] = [
+    GpuBackendChoice::Auto,
+    GpuBackendChoice::DriverApi,
+    GpuBackendChoice::Cli,
+    GpuBackendChoice::CriuPlugin,
+    GpuBackendChoice::Off,
+];
 
 /// The configuration file, with defaults for every key.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -67,6 +77,9 @@ pub struct ShimConfig {
     pub restore_dir: PathBuf,
     /// The sidecar binary that fetches remote bundles (a bare name is looked up on PATH).
     pub sidecar_binary: PathBuf,
+    /// Who checkpoints and restores the GPU state of containers that use a GPU: `auto`, `driver-api`,
+    /// `cuda-checkpoint`, `criu-plugin` or `off` (see `docs/gpu.md`).
+    pub gpu_backend: String,
 }
 
 impl Default for ShimConfig {
@@ -83,6 +96,7 @@ impl Default for ShimConfig {
             checkpoint_budget: "2m".into(),
             restore_dir: PathBuf::from(DEFAULT_RESTORE_DIR),
             sidecar_binary: PathBuf::from("kybernate-sidecar"),
+            gpu_backend: GpuBackendChoice::Auto.as_str().into(),
         }
     }
 }
@@ -124,6 +138,11 @@ impl ShimConfig {
         humantime::parse_duration(&self.checkpoint_budget).unwrap_or(DEFAULT_CHECKPOINT_BUDGET)
     }
 
+    /// The GPU backend choice (validated when the file was read).
+    pub fn gpu_backend(&self) -> GpuBackendChoice {
+        GPU_BACKENDS.into_iter().find(|c| c.as_str() == self.gpu_backend).unwrap_or_default()
+    }
+
     fn validate(&self, path: &Path) -> Result<()> {
         let invalid =
             |what: String| ShimError::InvalidArgument(format!("invalid shim config {}: {what}", path.display()));
@@ -153,6 +172,14 @@ impl ShimConfig {
             if path.is_relative() {
                 return Err(invalid(format!("{key} {path:?} must be an absolute path")));
             }
+        }
+        if !GPU_BACKENDS.iter().any(|c| c.as_str() == self.gpu_backend) {
+            let names: Vec<&str> = GPU_BACKENDS.iter().map(|c| c.as_str()).collect();
+            return Err(invalid(format!(
+                "gpu_backend {:?} is not a GPU backend; use one of {}",
+                self.gpu_backend,
+                names.join(", ")
+            )));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid(format!("log_level {:?} is not a tracing filter: {e}", self.log_level)))?;
@@ -258,6 +285,7 @@ mod tests {
         assert_eq!(config, ShimConfig::default());
         assert_eq!(config.runc_root, Path::new(DEFAULT_RUNC_ROOT));
         assert_eq!(config.restore_timeout(), checkpoint_core::DEFAULT_RESTORE_TIMEOUT);
+        assert_eq!(config.gpu_backend(), GpuBackendChoice::Auto);
     }
 
     #[test]
@@ -280,6 +308,13 @@ mod tests {
         assert!(config.checkpoint_on_stop);
         assert_eq!(config.checkpoint_budget(), Duration::from_millis(250));
         assert_eq!(config.checkpoint_dir, Path::new("/c"));
+        for choice in GPU_BACKENDS {
+            let config =
+                ShimConfig::from_toml(&format!("gpu_backend = \"{}\"", choice.as_str()), Path::new("x.toml")).unwrap();
+            assert_eq!(config.gpu_backend(), choice);
+        }
+        let err = ShimConfig::from_toml("gpu_backend = \"nvidia\"", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("gpu_backend") && err.contains("driver-api, cuda-checkpoint"), "{err}");
         for bad in ["checkpoint_budget = \"soon\"", "checkpoint_budget = \"0s\"", "restore_dir = \"rel\""] {
             let err = ShimConfig::from_toml(bad, Path::new("x.toml")).unwrap_err().to_string();
             assert!(err.contains(bad.split(' ').next().unwrap()), "{bad}: {err}");
@@ -291,6 +326,13 @@ mod tests {
         assert!(err.contains("absolute"), "{err}");
         let err = ShimConfig::from_toml("log_level = \"=[\"", Path::new("x.toml")).unwrap_err().to_string();
         assert!(err.contains("log_level"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_lists_the_defaults() {
+        let text = include_str!("../../deploy/containerd/config.toml");
+        let config = ShimConfig::from_toml(text, Path::new("deploy/containerd/config.toml")).unwrap();
+        assert_eq!(config, ShimConfig::default());
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod delete;
 pub mod error;
 pub mod events;
 pub mod exec;
+pub mod gpu;
 pub mod io;
 pub mod logging;
 pub mod mount;

@@ -2,14 +2,16 @@
 //! bundle instead of started fresh. A local bundle directory (absolute path or `file://…`) is verified
 //! in place; an archive (`s3://bucket/key`, or a file in a filesystem store) is first fetched into the
 //! restore directory by the sidecar (`kybernate-sidecar pull`: download, checksum, safe extraction). Everything is checked before the
-//! container is created; when the bundle cannot be used, `kybernate.io/restore-policy` decides between
-//! failing the Create (default) and starting fresh.
+//! container is created, including, for a bundle with GPU state, this node's GPUs; when the bundle
+//! cannot be used, `kybernate.io/restore-policy` decides between failing the Create (default) and
+//! starting fresh.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use checkpoint_core::{open_bundle, Criu};
+use checkpoint_core::gpu::{GpuMatch, GpuRestorePlan};
+use checkpoint_core::{open_bundle, Criu, OpenedBundle};
 
 use crate::annotations::{restore_policy, RestorePolicy, RESTORE_FROM, RESTORE_POLICY};
 use crate::checkpoint::RestoreSource;
@@ -68,12 +70,14 @@ pub fn resolve(
             BundleLocation::Remote(url) => fetch(&url, id, config, reaper)?,
         };
         let _guard = reaper.guard();
-        Ok(open_bundle(&dir, criu)?)
+        let opened = open_bundle(&dir, criu)?;
+        let gpu = check_gpu(&opened, config, criu)?;
+        Ok((opened, gpu))
     });
     match (opened, policy) {
-        (Ok(opened), _) => {
-            tracing::info!(id, reference, bundle = %opened.dir.display(), "restoring from bundle");
-            Ok(Some(RestoreSource::from_bundle(opened)))
+        (Ok((opened, gpu)), _) => {
+            tracing::info!(id, reference, bundle = %opened.dir.display(), gpu = gpu.is_some(), "restoring from bundle");
+            Ok(Some(RestoreSource::from_bundle(opened, gpu)))
         }
         (Err(e), RestorePolicy::Fail) => Err(ShimError::FailedPrecondition(format!(
             "container {id} cannot be restored from {reference}: {e}; fix or replace the bundle, or set \
@@ -84,6 +88,20 @@ pub fn resolve(
             Ok(None)
         }
     }
+}
+
+/// For a bundle that holds GPU state: checks that this node's GPUs can take it (driver, models,
+/// count, free memory, and a backend that can restore it there) before anything is created. Runs
+/// `criu --help`: call it under a reaper guard.
+fn check_gpu(opened: &OpenedBundle, config: &ShimConfig, criu: &Criu) -> Result<Option<GpuRestorePlan>> {
+    let Some(section) = &opened.manifest.gpu else { return Ok(None) };
+    let context = crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| {
+        ShimError::FailedPrecondition(format!(
+            "bundle {} holds GPU state, but this node's GPUs cannot be listed: {e}",
+            opened.dir.display()
+        ))
+    })?;
+    Ok(Some(GpuRestorePlan::check(section, context, GpuMatch::default())?))
 }
 
 /// Fetches a remote bundle with `kybernate-sidecar pull` into a new directory under the restore dir.
@@ -133,7 +151,10 @@ mod tests {
         assert_eq!(BundleLocation::parse(&format!("file://{d}")).unwrap(), BundleLocation::Local(dir.path().into()));
         let a = archive.display();
         assert_eq!(BundleLocation::parse(&format!("{a}")).unwrap(), BundleLocation::Remote(format!("{a}")));
-        assert_eq!(BundleLocation::parse(&format!("file://{a}")).unwrap(), BundleLocation::Remote(format!("file://{a}")));
+        assert_eq!(
+            BundleLocation::parse(&format!("file://{a}")).unwrap(),
+            BundleLocation::Remote(format!("file://{a}"))
+        );
         assert_eq!(BundleLocation::parse("s3://bk/k/x.tar").unwrap(), BundleLocation::Remote("s3://bk/k/x.tar".into()));
         // a missing directory is a local reference; opening it says it does not exist
         assert_eq!(BundleLocation::parse("/nonexistent/b").unwrap(), BundleLocation::Local("/nonexistent/b".into()));

@@ -1,5 +1,6 @@
 //! Start of the init process: `runc start`, or — when Create carried a checkpoint — `runc restore
-//! --detach` through checkpoint-core, with stdio wired exactly as for a fresh start.
+//! --detach` through checkpoint-core, with stdio wired exactly as for a fresh start, followed by the
+//! restore of the GPU state a bundle holds (checked at Create).
 
 use checkpoint_core::{restore_container, ContainerRestore, RestoreIo, RestoreOptions};
 use containerd_shim::api::Status;
@@ -59,8 +60,9 @@ impl Container {
             no_pivot: self.flags.no_pivot,
         };
         let _ = std::fs::remove_dir_all(self.criu_work_dir("restore"));
+        let runc = self.runc.core();
         let report = restore_container(
-            &self.runc.core(),
+            &runc,
             &self.criu,
             &req,
             RestoreIo { stdin: stdio.stdin, stdout: stdio.stdout, stderr: stdio.stderr },
@@ -74,6 +76,16 @@ impl Container {
             )),
             e => ShimError::from(e),
         })?;
+        if let Some(gpu) = &source.gpu {
+            // On failure checkpoint-core has removed the restored container: the task stays created.
+            gpu.restore(&runc, &req).map_err(|e| {
+                ShimError::Internal(format!(
+                    "restoring the GPU state of container {} from {} failed: {e}",
+                    self.id,
+                    source.image_dir.display()
+                ))
+            })?;
+        }
         let pid = report.pid;
         if let Some(console) = &console {
             io.attach_console(&self.id, console.receive_master(CONSOLE_TIMEOUT)?)?;

@@ -6,6 +6,10 @@
 //! checkpoint). A checkpoint that fails or runs past the configured budget is abandoned: CRIU leaves
 //! the container running (a frozen one is thawed), the bundle is emptied and marked `FAILED`, the
 //! failure is logged, and the stop signal is delivered as if Kybernate were not there.
+//!
+//! On a node with NVML, the container's processes that use a GPU are locked and their GPU state
+//! checkpointed around the dump by the configured `gpu_backend` (rolled back on failure), and the
+//! bundle's manifest describes the GPUs; see `docs/gpu.md`.
 
 use std::time::SystemTime;
 
@@ -53,17 +57,25 @@ impl Container {
             timeout: Some(self.config.checkpoint_budget()),
             ..Default::default()
         };
-        let container = ContainerCheckpoint {
-            id: self.id.clone(),
-            spec: self.bundle.join("config.json"),
-            upperdir: self.upperdir.clone(),
-            identity: self.identity(),
-            runtime: RUNTIME_ID.to_string(),
-        };
         tracing::info!(id = %self.id, signal, bundle = %dir.display(), "checkpointing before stop");
         *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal);
         let result = {
             let _guard = self.runc.reaper().guard();
+            let gpu = match crate::gpu::node_context(&self.config, &self.criu, self.config.checkpoint_budget()) {
+                Ok(context) => Some(context),
+                Err(e) => {
+                    tracing::debug!(id = %self.id, reason = %e, "no GPU on this node: checkpointing without GPU steps");
+                    None
+                }
+            };
+            let container = ContainerCheckpoint {
+                id: self.id.clone(),
+                spec: self.bundle.join("config.json"),
+                upperdir: self.upperdir.clone(),
+                identity: self.identity(),
+                runtime: RUNTIME_ID.to_string(),
+                gpu,
+            };
             checkpoint_container_bundle(&self.runc.core(), &self.criu, &dir, &container, &opts)
         };
         match result {

@@ -81,7 +81,7 @@ fn device(uuid: &str, name: &str, cc: &str) -> GpuDevice {
 }
 
 fn process(pid: i32, uuid: &str, gib: u64) -> GpuProcess {
-    GpuProcess { pid, gpu_uuid: Some(uuid.into()), memory_bytes: Some(gib * GIB) }
+    GpuProcess { pid, gpu_uuid: Some(uuid.into()), memory_bytes: Some(gib * GIB), ns_pid: None }
 }
 
 fn section(devices: Vec<GpuDevice>, processes: Vec<GpuProcess>) -> GpuSection {
@@ -199,7 +199,10 @@ fn nvml_processes_of_the_container_fill_the_manifest_section() {
     assert_eq!(s.backend, "driver-api");
     assert_eq!(s.devices, [device(UUID_A, H100, "9.0"), device(UUID_B, H100, "9.0")], "only the GPUs in use");
     assert_eq!(s.processes[0], process(100, UUID_A, 1));
-    assert_eq!(s.processes[2], GpuProcess { pid: 100, gpu_uuid: Some(UUID_B.into()), memory_bytes: None });
+    assert_eq!(
+        s.processes[2],
+        GpuProcess { pid: 100, gpu_uuid: Some(UUID_B.into()), memory_bytes: None, ns_pid: None }
+    );
     let json = serde_json::to_value(&s).unwrap();
     assert_eq!(json["devices"][0]["compute_capability"], "9.0");
     assert_eq!(json["processes"][1]["gpu_uuid"], UUID_B);
@@ -275,7 +278,7 @@ fn proc_scan_finds_processes_with_the_driver_mapped_and_a_device_open() {
     let s = gpu_section(None, &found, "cuda-checkpoint").unwrap().unwrap();
     assert_eq!(s.driver_version, None);
     assert!(s.devices.is_empty());
-    assert_eq!(s.processes, [GpuProcess { pid: b, gpu_uuid: None, memory_bytes: None }]);
+    assert_eq!(s.processes, [GpuProcess { pid: b, gpu_uuid: None, memory_bytes: None, ns_pid: None }]);
 
     // NVML present but failing: the same fallback, with NVML's error as the reason.
     let broken = FakeInventory { broken: true, ..node(vec![]) };
@@ -419,7 +422,7 @@ fn a_checkpoint_found_without_nvml_needs_only_some_gpu() {
         driver_version: None,
         backend: "cuda-checkpoint".into(),
         devices: vec![],
-        processes: vec![GpuProcess { pid: 7, gpu_uuid: None, memory_bytes: None }],
+        processes: vec![GpuProcess { pid: 7, gpu_uuid: None, memory_bytes: None, ns_pid: None }],
     };
     assert_eq!(
         check_restore(&s, &node(vec![gpu(0, UUID_D, H100, "9.0", 80)]), GpuMatch::SameName).unwrap(),

@@ -310,7 +310,8 @@ pub fn find_gpu_processes(
 /// The manifest's GPU section for a checkpoint of `found` by `backend` (`driver-api`,
 /// `cuda-checkpoint`, `criu-plugin`): `None` for a CPU-only container. The devices are the GPUs the
 /// processes use, as the inventory describes them. Without an inventory (NVML unusable) only the
-/// processes are recorded, and the driver version and devices stay unknown.
+/// processes are recorded, and the driver version and devices stay unknown. Each process's `ns_pid`
+/// is left `None`; a container checkpoint fills it in.
 pub fn gpu_section(
     inventory: Option<&dyn GpuInventory>,
     found: &GpuProcesses,
@@ -322,7 +323,7 @@ pub fn gpu_section(
     let processes = found
         .processes
         .iter()
-        .map(|p| GpuProcess { pid: p.pid, gpu_uuid: p.gpu_uuid.clone(), memory_bytes: p.memory_bytes })
+        .map(|p| GpuProcess { pid: p.pid, gpu_uuid: p.gpu_uuid.clone(), memory_bytes: p.memory_bytes, ns_pid: None })
         .collect();
     let (driver_version, devices) = match inventory {
         None => (None, Vec::new()),

@@ -5,11 +5,12 @@
 //!
 //! Around it: the node's GPUs and a container's GPU processes (NVML, or a `/proc` scan without it),
 //! the manifest's GPU section, the compatibility check before a restore with the old → new GPU
-//! mapping, and the choice of backend (driver API, `cuda-checkpoint`, CRIU's CUDA plugin, or none).
-//! See `docs/gpu.md`.
+//! mapping, the choice of backend (driver API, `cuda-checkpoint`, CRIU's CUDA plugin, or none), and
+//! the same steps for runc containers ([`GpuContext`], [`GpuRestorePlan`]). See `docs/gpu.md`.
 
 mod cli;
 mod compat;
+mod container;
 mod criu_plugin;
 mod discovery;
 mod driver_api;
@@ -20,6 +21,8 @@ pub use cli::CudaCheckpointCli;
 pub use compat::{
     check_restore, parse_gpu_uuid, Bytes, GpuAssignment, GpuCompatError, GpuMapping, GpuMatch, GpuMismatch,
 };
+pub(crate) use container::checkpoint_container_gpu;
+pub use container::{GpuContext, GpuRestorePlan};
 pub use criu_plugin::{
     select_backend, BackendError, BackendProbe, CriuPluginDir, GpuBackend, GpuBackendChoice, NodeProbe,
     PluginDirSource, CRIU_DEFAULT_PLUGIN_DIR, CRIU_LIBS_DIR_ENV, CUDA_PLUGIN,

@@ -16,6 +16,10 @@ use crate::report::{CheckpointReport, RestoreReport};
 pub enum GpuStep {
     /// Choosing how to handle the GPU state, before anything was changed.
     Backend,
+    /// Finding a container's GPU processes and describing its GPUs, before anything was changed.
+    Discovery,
+    /// Checking that this node's GPUs can take a checkpoint's GPU state, before anything was restored.
+    Compatibility,
     /// Locking CUDA work (bounded by the lock timeout).
     Lock,
     /// Copying device memory to the host.
@@ -51,23 +55,21 @@ fn roll_back(driver: &dyn CudaCheckpointDriver, locked: &[i32], checkpointed: &[
     }
 }
 
-fn gpu_error(step: GpuStep, detail: String, rollback: String) -> Error {
+pub(crate) fn gpu_error(step: GpuStep, detail: String, rollback: String) -> Error {
     Error::Gpu { step, detail, rollback }
 }
 
-/// Checkpoints the process tree rooted at `pid`, whose CUDA processes are `gpu_pids`: lock (each
-/// bounded by `lock_timeout`) → checkpoint GPU → CRIU dump → with leave-running, restore → unlock.
-/// On any failure every step already taken is undone, so each process runs on with its GPU state.
-pub fn checkpoint_gpu_process(
+/// Runs `dump` between the GPU steps of `gpu_pids`: lock (each bounded by `lock_timeout`) →
+/// checkpoint GPU → `dump` → with `leave_running`, restore → unlock. On any failure every GPU step
+/// already taken is undone, so each process runs on with its GPU state. Shared by process trees
+/// (`dump` is a CRIU dump) and containers (`dump` is `runc checkpoint`).
+pub(crate) fn around_dump<T>(
     driver: &dyn CudaCheckpointDriver,
-    criu: &Criu,
-    pid: i32,
     gpu_pids: &[i32],
-    image_dir: &Path,
-    opts: &CheckpointOptions,
     lock_timeout: Duration,
-) -> Result<CheckpointReport> {
-    opts.validate()?;
+    leave_running: bool,
+    dump: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let mut locked = Vec::new();
     for p in gpu_pids {
         if let Err(e) = driver.lock(*p, lock_timeout) {
@@ -82,11 +84,11 @@ pub fn checkpoint_gpu_process(
         }
         checkpointed.push(*p);
     }
-    let report = match checkpoint_process(criu, pid, image_dir, opts) {
-        Ok(report) => report,
+    let dumped = match dump() {
+        Ok(dumped) => dumped,
         Err(e) => return Err(gpu_error(GpuStep::Criu, e.to_string(), roll_back(driver, &locked, &checkpointed))),
     };
-    if opts.leave_running {
+    if leave_running {
         for p in gpu_pids {
             driver
                 .restore(*p, &[])
@@ -96,58 +98,21 @@ pub fn checkpoint_gpu_process(
             driver.unlock(*p).map_err(|e| gpu_error(GpuStep::Unlock, e.to_string(), "none possible".into()))?;
         }
     }
-    Ok(report)
+    Ok(dumped)
 }
 
-/// Restores a tree checkpointed by [`checkpoint_gpu_process`]: CRIU restore → GPU restore (onto the
-/// GPUs named by `gpu_pairs`, or the same ones) → unlock. If the GPU state cannot be restored, the
-/// restored tree is killed rather than left running without it; the images stay for another try.
-pub fn restore_gpu_process(
-    driver: &dyn CudaCheckpointDriver,
-    criu: &Criu,
-    image_dir: &Path,
-    opts: &RestoreOptions,
-    gpu_pairs: &[GpuPair],
-) -> Result<RestoreReport> {
-    let pids = image_pids(image_dir)?;
-    let report = restore_process(criu, image_dir, opts)?;
-    let kill_tree = || {
-        for p in &pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
-        }
-        format!("killed the restored tree (pids {pids:?}); the images in {} are untouched", image_dir.display())
-    };
-    let mut restored = Vec::new();
-    for p in &pids {
-        // Processes that are not CUDA processes (or hold no GPU state) have nothing to bring back.
-        if let Ok(CudaProcessState::Checkpointed) = driver.state(*p) {
-            driver.restore(*p, gpu_pairs).map_err(|e| gpu_error(GpuStep::Restore, e.to_string(), kill_tree()))?;
-            restored.push(*p);
-        }
-    }
-    for p in &restored {
-        driver.unlock(*p).map_err(|e| gpu_error(GpuStep::Unlock, e.to_string(), kill_tree()))?;
-    }
-    Ok(report)
-}
-
-/// Checkpoints like [`checkpoint_gpu_process`], with the GPU steps done by `backend`: Kybernate's own
-/// driver, or CRIU's CUDA plugin inside the dump (then Kybernate does none, so nothing is done twice).
-/// With GPU checkpointing off, a tree with GPU processes is refused before anything changes: CRIU
-/// cannot dump their GPU state.
-pub fn checkpoint_with_backend(
+/// Runs `dump` with the GPU steps done by `backend`: around it for Kybernate's own driver
+/// ([`around_dump`]); not at all for CRIU's CUDA plugin, which does them inside the dump. With GPU
+/// checkpointing off, GPU processes are refused before anything changes: CRIU cannot dump their state.
+pub(crate) fn dump_with_backend<T>(
     backend: &GpuBackend,
-    criu: &Criu,
-    pid: i32,
     gpu_pids: &[i32],
-    image_dir: &Path,
-    opts: &CheckpointOptions,
     lock_timeout: Duration,
-) -> Result<CheckpointReport> {
+    leave_running: bool,
+    dump: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     match backend {
-        GpuBackend::Driver { driver, .. } => {
-            checkpoint_gpu_process(driver.as_ref(), criu, pid, gpu_pids, image_dir, opts, lock_timeout)
-        }
+        GpuBackend::Driver { driver, .. } => around_dump(driver.as_ref(), gpu_pids, lock_timeout, leave_running, dump),
         GpuBackend::Off { reason } if !gpu_pids.is_empty() => Err(gpu_error(
             GpuStep::Backend,
             format!(
@@ -156,22 +121,41 @@ pub fn checkpoint_with_backend(
             ),
             "nothing was changed; the workload keeps running".into(),
         )),
-        GpuBackend::CriuPlugin { .. } | GpuBackend::Off { .. } => checkpoint_process(criu, pid, image_dir, opts),
+        GpuBackend::CriuPlugin { .. } | GpuBackend::Off { .. } => dump(),
     }
 }
 
-/// Restores a tree with GPU state like [`restore_gpu_process`], onto the GPUs `mapping` names (from
-/// [`check_restore`](super::check_restore)). Refused before anything is restored when the state
-/// cannot land where `mapping` says: CRIU's CUDA plugin restores GPU state itself, onto the
-/// checkpoint's own GPUs, so it rules out moving to other GPUs; and with GPU checkpointing off the
-/// state cannot be restored at all.
-pub fn restore_with_backend(
-    backend: &GpuBackend,
-    criu: &Criu,
-    image_dir: &Path,
-    opts: &RestoreOptions,
+/// Restores the GPU state of `pids` (those the driver reports as checkpointed; processes that are
+/// not CUDA processes, or that CRIU's plugin already restored, have nothing to bring back) onto the
+/// GPUs of `gpu_pairs`, then unlocks them. On failure `kill` removes the restored workload and says
+/// what it did, for the error.
+pub(crate) fn restore_steps(
+    driver: &dyn CudaCheckpointDriver,
+    pids: &[i32],
+    gpu_pairs: &[GpuPair],
+    kill: &dyn Fn() -> String,
+) -> Result<()> {
+    let mut restored = Vec::new();
+    for p in pids {
+        if let Ok(CudaProcessState::Checkpointed) = driver.state(*p) {
+            driver.restore(*p, gpu_pairs).map_err(|e| gpu_error(GpuStep::Restore, e.to_string(), kill()))?;
+            restored.push(*p);
+        }
+    }
+    for p in &restored {
+        driver.unlock(*p).map_err(|e| gpu_error(GpuStep::Unlock, e.to_string(), kill()))?;
+    }
+    Ok(())
+}
+
+/// The driver that restores GPU state onto the GPUs `mapping` names, or `None` when CRIU's CUDA
+/// plugin does it inside `criu restore`. Refused before anything is restored when the state cannot
+/// land where `mapping` says: CRIU's plugin restores onto the checkpoint's own GPUs, so it rules out
+/// moving to other GPUs; and with GPU checkpointing off the state cannot be restored at all.
+pub(crate) fn restore_driver<'a>(
+    backend: &'a GpuBackend,
     mapping: &GpuMapping,
-) -> Result<RestoreReport> {
+) -> Result<Option<&'a dyn CudaCheckpointDriver>> {
     let refuse = |detail: String| Err(gpu_error(GpuStep::Backend, detail, "nothing was restored".into()));
     let moves = || {
         mapping
@@ -194,13 +178,86 @@ pub fn restore_with_backend(
                 plugin.display()
             ))
         }
-        GpuBackend::Driver { driver, .. } => {
-            restore_gpu_process(driver.as_ref(), criu, image_dir, opts, &mapping.gpu_pairs())
-        }
-        GpuBackend::CriuPlugin { .. } => restore_process(criu, image_dir, opts),
+        GpuBackend::Driver { driver, .. } => Ok(Some(driver.as_ref())),
+        GpuBackend::CriuPlugin { .. } => Ok(None),
         GpuBackend::Off { reason } => refuse(format!(
             "the checkpoint holds GPU state but GPU checkpointing is unavailable here ({reason}); restore on a \
              node with a GPU checkpoint backend"
         )),
+    }
+}
+
+/// Checkpoints the process tree rooted at `pid`, whose CUDA processes are `gpu_pids`: lock (each
+/// bounded by `lock_timeout`) → checkpoint GPU → CRIU dump → with leave-running, restore → unlock.
+/// On any failure every step already taken is undone, so each process runs on with its GPU state.
+pub fn checkpoint_gpu_process(
+    driver: &dyn CudaCheckpointDriver,
+    criu: &Criu,
+    pid: i32,
+    gpu_pids: &[i32],
+    image_dir: &Path,
+    opts: &CheckpointOptions,
+    lock_timeout: Duration,
+) -> Result<CheckpointReport> {
+    opts.validate()?;
+    around_dump(driver, gpu_pids, lock_timeout, opts.leave_running, || checkpoint_process(criu, pid, image_dir, opts))
+}
+
+/// Restores a tree checkpointed by [`checkpoint_gpu_process`]: CRIU restore → GPU restore (onto the
+/// GPUs named by `gpu_pairs`, or the same ones) → unlock. If the GPU state cannot be restored, the
+/// restored tree is killed rather than left running without it; the images stay for another try.
+pub fn restore_gpu_process(
+    driver: &dyn CudaCheckpointDriver,
+    criu: &Criu,
+    image_dir: &Path,
+    opts: &RestoreOptions,
+    gpu_pairs: &[GpuPair],
+) -> Result<RestoreReport> {
+    let pids = image_pids(image_dir)?;
+    let report = restore_process(criu, image_dir, opts)?;
+    let kill_tree = || {
+        for p in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+        }
+        format!("killed the restored tree (pids {pids:?}); the images in {} are untouched", image_dir.display())
+    };
+    restore_steps(driver, &pids, gpu_pairs, &kill_tree)?;
+    Ok(report)
+}
+
+/// Checkpoints like [`checkpoint_gpu_process`], with the GPU steps done by `backend`: Kybernate's own
+/// driver, or CRIU's CUDA plugin inside the dump (then Kybernate does none, so nothing is done twice).
+/// With GPU checkpointing off, a tree with GPU processes is refused before anything changes: CRIU
+/// cannot dump their GPU state.
+pub fn checkpoint_with_backend(
+    backend: &GpuBackend,
+    criu: &Criu,
+    pid: i32,
+    gpu_pids: &[i32],
+    image_dir: &Path,
+    opts: &CheckpointOptions,
+    lock_timeout: Duration,
+) -> Result<CheckpointReport> {
+    opts.validate()?;
+    dump_with_backend(backend, gpu_pids, lock_timeout, opts.leave_running, || {
+        checkpoint_process(criu, pid, image_dir, opts)
+    })
+}
+
+/// Restores a tree with GPU state like [`restore_gpu_process`], onto the GPUs `mapping` names (from
+/// [`check_restore`](super::check_restore)). Refused before anything is restored when the state
+/// cannot land where `mapping` says: CRIU's CUDA plugin restores GPU state itself, onto the
+/// checkpoint's own GPUs, so it rules out moving to other GPUs; and with GPU checkpointing off the
+/// state cannot be restored at all.
+pub fn restore_with_backend(
+    backend: &GpuBackend,
+    criu: &Criu,
+    image_dir: &Path,
+    opts: &RestoreOptions,
+    mapping: &GpuMapping,
+) -> Result<RestoreReport> {
+    match restore_driver(backend, mapping)? {
+        Some(driver) => restore_gpu_process(driver, criu, image_dir, opts, &mapping.gpu_pairs()),
+        None => restore_process(criu, image_dir, opts),
     }
 }

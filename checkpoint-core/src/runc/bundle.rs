@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,7 @@ use super::{checkpoint_container, Runc};
 use crate::bundle::{self, ContainerIdentity, HostInfo, Manifest, CHECKPOINT_DIR, CONFIG_DUMP, SPEC_DUMP, STATS_DUMP};
 use crate::criu::{stats, Criu};
 use crate::error::{Error, Result};
+use crate::gpu::{checkpoint_container_gpu, GpuContext};
 use crate::options::CheckpointOptions;
 use crate::report::CheckpointReport;
 use crate::rootfs::{self, RootfsDiffStats};
@@ -49,6 +51,10 @@ pub struct ContainerCheckpoint {
     pub identity: ContainerIdentity,
     /// The runtime name recorded in `config.dump` (e.g. `io.containerd.kybernate.v1`).
     pub runtime: String,
+    /// How to handle GPU state: with a context, processes of the container that use a GPU are locked
+    /// and checkpointed around the dump (or left to CRIU's CUDA plugin) and the manifest gets a GPU
+    /// section; `None` checkpoints the container as if it used no GPU (see `docs/gpu.md`).
+    pub gpu: Option<Arc<GpuContext>>,
 }
 
 /// How a bundle checkpoint went.
@@ -72,8 +78,12 @@ pub struct BundleReport {
 /// and seals it. `opts.work_dir` should be outside `dir` (CRIU's log stays there); its statistics are
 /// copied into the bundle.
 ///
-/// If the dump fails the container keeps running; on any failure `dir` is emptied and marked failed
-/// (so nothing ships or restores it), and the error says what happened.
+/// With a [`GpuContext`] in `container.gpu`, processes of the container that use a GPU have their GPU
+/// state checkpointed around the dump and described in the manifest's GPU section (see
+/// `docs/gpu.md`).
+///
+/// If the dump fails the container keeps running (GPU steps are rolled back); on any failure `dir` is
+/// emptied and marked failed (so nothing ships or restores it), and the error says what happened.
 pub fn checkpoint_container_bundle(
     runc: &Runc,
     criu: &Criu,
@@ -118,7 +128,10 @@ fn write_bundle(
     started: Instant,
 ) -> Result<BundleReport> {
     let image_dir = dir.join(CHECKPOINT_DIR);
-    let report = checkpoint_container(runc, criu, &container.id, &image_dir, opts)?;
+    let (report, gpu) = match &container.gpu {
+        Some(ctx) => checkpoint_container_gpu(ctx, runc, criu, &container.id, &image_dir, opts)?,
+        None => (checkpoint_container(runc, criu, &container.id, &image_dir, opts)?, None),
+    };
     let work_dir = opts.work_dir.clone().unwrap_or_else(|| image_dir.clone());
     let stats_src = work_dir.join(stats::STATS_DUMP_FILE);
     if stats_src.is_file() {
@@ -152,6 +165,7 @@ fn write_bundle(
         Manifest::new(HostInfo::current(report.criu_version.to_string(), runc.version()), container.identity.clone());
     manifest.checkpoint = Some(report.clone());
     manifest.criu_flags = Some(opts.flags.clone());
+    manifest.gpu = gpu;
     let manifest = bundle::seal(dir, manifest)?;
     Ok(BundleReport {
         manifest,

@@ -8,6 +8,7 @@ pub use bundle::{
     check_host, checkpoint_container_bundle, open_bundle, BundleReport, ConfigDump, ContainerCheckpoint, OpenedBundle,
 };
 pub use checkpoint::checkpoint_container;
+pub(crate) use restore::cleanup_failed;
 pub use restore::{restore_container, ContainerRestore, RestoreIo};
 
 use std::ffi::OsString;
@@ -120,6 +121,29 @@ impl Runc {
         serde_json::from_slice(&out.stdout)
             .map(Some)
             .map_err(|e| Error::io(format!("parsing `runc state {id}` output"), std::io::Error::other(e)))
+    }
+
+    /// Host pids of the container's processes (`runc ps --format json`, read from its cgroup).
+    pub fn ps(&self, id: &str) -> Result<Vec<i32>> {
+        let out = self
+            .command(None)
+            .args(["ps", "--format", "json", id])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|source| Error::RuncMissing { path: self.binary.clone(), source })?;
+        if !out.status.success() {
+            return Err(Error::io(
+                format!(
+                    "runc ps {id}: {}; check that the container exists and is running",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                std::io::Error::other("runc ps failed"),
+            ));
+        }
+        // runc prints `null` for a container without processes.
+        let pids: Option<Vec<i32>> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| Error::io(format!("parsing `runc ps {id}` output"), std::io::Error::other(e)))?;
+        Ok(pids.unwrap_or_default())
     }
 
     /// Words for what became of a container, for error messages.

@@ -114,16 +114,17 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, io: R
     Ok(report)
 }
 
-/// Removes what a failed restore may have left, so nothing stays half-created.
-fn cleanup_failed(runc: &Runc, id: &str) -> String {
+/// Removes what a restore created of container `id` (`runc delete --force`, which kills its
+/// processes), so nothing stays half-restored and the id can be used again; says what it did.
+pub(crate) fn cleanup_failed(runc: &Runc, id: &str) -> String {
     match runc.state(id) {
         Ok(None) => "nothing was left behind".into(),
         Ok(Some(_)) => {
             let mut delete = runc.command(None);
             delete.args(["delete", "--force", id]);
             match exec::run(delete, Some(Duration::from_secs(30)), true) {
-                Ok(()) => "the half-created container was deleted".into(),
-                Err(f) => format!("deleting the half-created container failed: {} {}", f.status, f.stderr),
+                Ok(()) => "runc delete --force removed it".into(),
+                Err(f) => format!("runc delete --force failed: {} {}", f.status, f.stderr),
             }
         }
         Err(e) => format!("its state is unknown: {e}"),
