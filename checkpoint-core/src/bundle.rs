@@ -248,8 +248,28 @@ fn hash_file(path: &Path, sync: bool) -> Result<FileEntry> {
     Ok(FileEntry { size, sha256 })
 }
 
-/// Hashes `files` (relative to `dir`) on all cores.
+/// Starts writeback of `path`'s dirty pages without waiting for it, so the disk writes while the
+/// files are hashed; the fsync after hashing then only waits for what is left.
+fn start_writeback(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(file) = File::open(path) {
+        // SAFETY: a valid open descriptor; offset 0 and length 0 mean the whole file.
+        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+}
+
+/// Hashes `files` (relative to `dir`) on all cores, largest first; with `sync`, the writeback of
+/// every file is started first and each file is fsynced after it was hashed.
 fn hash_all(dir: &Path, files: &[String], sync: bool) -> Result<BTreeMap<String, FileEntry>> {
+    let mut files: Vec<(u64, &String)> =
+        files.iter().map(|f| (fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0), f)).collect();
+    files.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    let files: Vec<&String> = files.into_iter().map(|(_, f)| f).collect();
+    if sync {
+        for rel in &files {
+            start_writeback(&dir.join(rel));
+        }
+    }
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(files.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results = std::sync::Mutex::new(Vec::with_capacity(files.len()));
@@ -259,7 +279,7 @@ fn hash_all(dir: &Path, files: &[String], sync: bool) -> Result<BTreeMap<String,
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(rel) = files.get(i) else { break };
                 let entry = hash_file(&dir.join(rel), sync);
-                results.lock().expect("hash results lock").push((rel.clone(), entry));
+                results.lock().expect("hash results lock").push(((*rel).clone(), entry));
             });
         }
     });
@@ -270,37 +290,66 @@ fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(format!("fsync {}", dir.display()), e))
 }
 
-/// Writes `bytes` to `dir/name` durably and atomically (temp file, fsync, rename, fsync dir).
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    write_atomically(dir, name, bytes, Durability::Synced)
+}
+
+/// Writes `bytes` to `dir/name` atomically (temp file, rename), fsyncing file and directory when
+/// `durability` asks for it.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8], durability: Durability) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let target = dir.join(name);
+    let sync = durability == Durability::Synced;
     let mut f = File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    f.write_all(bytes)
+        .and_then(|_| if sync { f.sync_all() } else { Ok(()) })
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
     fs::rename(&tmp, &target).map_err(|e| Error::io(format!("renaming {} into place", target.display()), e))?;
-    fsync_dir(dir)
+    if sync {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Whether [`seal_with`] makes the bundle durable itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync every file and directory before `COMPLETE` (the node checkpoint directory).
+    Synced,
+    /// Leave durability to whoever copies the bundle next (containerd tars a `ctr` checkpoint into
+    /// its content store): the order is the same, only the fsyncs are skipped.
+    Unsynced,
 }
 
 /// Seals the bundle in `dir`: hashes and fsyncs every file, writes the manifest, then renames
 /// [`COMPLETE_MARKER`] into place. Until this returns `Ok`, the bundle is never shipped or restored.
-pub fn seal(dir: &Path, mut manifest: Manifest) -> Result<Manifest> {
+pub fn seal(dir: &Path, manifest: Manifest) -> Result<Manifest> {
+    seal_with(dir, manifest, Durability::Synced)
+}
+
+/// [`seal`], with the fsyncs only when `durability` is [`Durability::Synced`].
+pub fn seal_with(dir: &Path, mut manifest: Manifest, durability: Durability) -> Result<Manifest> {
     if is_complete(dir) {
         return Err(bundle_error(dir, "it is already sealed; write each checkpoint into a new directory"));
     }
     if dir.join(FAILED_MARKER).exists() {
         return Err(bundle_error(dir, "it was marked failed; take a new checkpoint"));
     }
+    let sync = durability == Durability::Synced;
     let files = list_files(dir)?;
-    manifest.files = hash_all(dir, &files, true)?;
-    let mut dirs: Vec<PathBuf> = files.iter().filter_map(|f| Path::new(f).parent().map(|p| dir.join(p))).collect();
-    dirs.sort();
-    dirs.dedup();
-    for d in dirs {
-        fsync_dir(&d)?;
+    manifest.files = hash_all(dir, &files, sync)?;
+    if sync {
+        let mut dirs: Vec<PathBuf> = files.iter().filter_map(|f| Path::new(f).parent().map(|p| dir.join(p))).collect();
+        dirs.sort();
+        dirs.dedup();
+        for d in dirs {
+            fsync_dir(&d)?;
+        }
     }
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    write_durably(dir, MANIFEST_FILE, &json)?;
+    write_atomically(dir, MANIFEST_FILE, &json, durability)?;
     let digest: String = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
-    write_durably(dir, COMPLETE_MARKER, format!("{MANIFEST_FILE} sha256:{digest}\n").as_bytes())?;
+    write_atomically(dir, COMPLETE_MARKER, format!("{MANIFEST_FILE} sha256:{digest}\n").as_bytes(), durability)?;
     Ok(manifest)
 }
 

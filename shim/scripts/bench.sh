@@ -43,7 +43,7 @@ fi
 
 WORK=$(mktemp -d /tmp/kybernate-bench.XXXXXX)
 SOCK="$WORK/containerd.sock"
-NS=bench
+NS=bench-$$ # unique: runc state lives under /run/containerd/runc/<namespace>
 UNSHARE_PID=""
 CONTAINERD_PID=""
 
@@ -256,17 +256,27 @@ wait_file() {
 rootfs_of() { echo "/proc/$CONTAINERD_PID/root$WORK/state/io.containerd.runtime.v2.task/$NS/$1/rootfs"; }
 sync
 
-echo "stop-to-durable: raw criu dump + sync of $STOP_GIB GiB..." >&2
-setsid "$WORK/hog/hog" "$STOP_GIB" "$WORK/raw-ready" </dev/null >/dev/null 2>&1 &
-raw_pid=$!
-wait_file "$WORK/raw-ready"
-t0=$(now_ms)
-criu dump -t "$raw_pid" -D "$WORK/raw-images" -o dump.log >/dev/null 2>&1 || die "raw criu dump failed (see $WORK/raw-images/dump.log)"
-sync
-t1=$(now_ms)
-wait "$raw_pid" 2>/dev/null || true
-STOP_RAW=$((t1 - t0))
-rm -rf "$WORK/raw-images"; sync
+# Raw CRIU: dump the same program outside a container, then fsync the image files and their
+# directory (`sync FILE...`), as the shim fsyncs the bundle. Run before and after the shim's turn; the
+# faster run counts, so page-cache state does not favour either side.
+raw_dump() {
+    setsid "$WORK/hog/hog" "$STOP_GIB" "$WORK/raw-ready" </dev/null >/dev/null 2>&1 &
+    raw_pid=$!
+    wait_file "$WORK/raw-ready"
+    mkdir -p "$WORK/raw-images"
+    local t0 t1
+    t0=$(now_ms)
+    criu dump -t "$raw_pid" -D "$WORK/raw-images" -o dump.log >/dev/null 2>&1 ||
+        die "raw criu dump failed (see $WORK/raw-images/dump.log)"
+    sync "$WORK/raw-images"/* "$WORK/raw-images"
+    t1=$(now_ms)
+    { wait "$raw_pid"; } 2>/dev/null || true
+    raw_pid=""
+    rm -rf "$WORK/raw-images" "$WORK/raw-ready"; sync
+    echo $((t1 - t0))
+}
+echo "stop-to-durable: raw criu dump + fsync of $STOP_GIB GiB..." >&2
+STOP_RAW=$(raw_dump)
 
 echo "stop-to-durable: checkpoint on stop with $KYBERNATE..." >&2
 ctr_ run -d --runtime "$KYBERNATE" --runtime-config-path "$WORK/shim.toml" \
@@ -279,6 +289,9 @@ STOP_BUNDLE=$(find "$WORK/checkpoints" -name COMPLETE | head -1)
 STOP_BYTES=$(du -sb "$(dirname "$STOP_BUNDLE")" | cut -f1)
 remove stop-k
 rm -rf "$WORK/checkpoints"; sync
+echo "stop-to-durable: raw criu dump + fsync again..." >&2
+again=$(raw_dump)
+[ "$again" -lt "$STOP_RAW" ] && STOP_RAW=$again
 
 echo "stop-to-durable: ctr c checkpoint --task with $STOCK..." >&2
 ctr_ run -d --runtime "$STOCK" --mount "$HOG_MOUNT" "$IMAGE" stop-s /hog/hog "$STOP_GIB" /state/ready >/dev/null
@@ -300,6 +313,6 @@ printf '%-40s %12s %12s %10s\n' "ctr c restore --live (ms)" "${RESTORE[$k]}" "${
 printf '%-40s %12s %12s\n' "restored counter continued" "${CONTINUED[$k]}" "${CONTINUED[$s]}"
 echo
 echo "stop-to-durable, $STOP_GIB GiB of memory (ms; bundle $((STOP_BYTES / 1048576)) MiB)"
-printf '%-40s %12s\n' "raw criu dump + sync" "$STOP_RAW"
+printf '%-40s %12s\n' "raw criu dump + fsync (best of 2)" "$STOP_RAW"
 printf '%-40s %12s %14s\n' "kybernate checkpoint on stop" "$STOP_K" "$(ratio "$STOP_K" "$STOP_RAW")x raw"
 printf '%-40s %12s %14s\n' "runc-v2 ctr c checkpoint --task + sync" "$STOP_S" "$(ratio "$STOP_S" "$STOP_K")x ours"

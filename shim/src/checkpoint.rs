@@ -115,7 +115,8 @@ impl Container {
         let mut manifest = Manifest::new(host, self.identity());
         manifest.checkpoint = Some(report.clone());
         manifest.criu_flags = Some(flags.clone());
-        bundle::seal(image_dir, manifest)?;
+        // containerd tars the image into its content store next; that copy is the durable one.
+        bundle::seal_with(image_dir, manifest, bundle::Durability::Unsynced)?;
         Ok(())
     }
 
