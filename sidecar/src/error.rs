@@ -177,6 +177,22 @@ pub enum Error {
         dest: PathBuf,
     },
 
+    /// The extracted bundle's own manifest does not verify (a file missing, altered or added).
+    #[error(
+        "the bundle extracted from `{key}` does not verify: {source}; nothing was published to {}. \
+         Delete the object (kybernate-sidecar rm) and push the bundle again",
+        dest.display()
+    )]
+    BundleInvalid {
+        /// The object key.
+        key: String,
+        /// The destination that was not created.
+        dest: PathBuf,
+        /// What checkpoint-core's verification found.
+        #[source]
+        source: Box<checkpoint_core::Error>,
+    },
+
     /// The destination of a fetch already exists.
     #[error("destination {} already exists; remove it or pick another destination", path.display())]
     DestinationExists {

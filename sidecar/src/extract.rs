@@ -68,12 +68,18 @@ impl Staged {
         self.stats
     }
 
-    /// Checks that the bundle is complete (has `COMPLETE`), makes it durable and renames it to
-    /// its destination. Returns the destination.
-    pub fn publish(mut self) -> Result<PathBuf> {
+    /// Checks that the bundle is complete (has `COMPLETE`) and that its manifest verifies (every
+    /// file present with its sealed size and sha256, nothing added), makes it durable and renames it
+    /// to its destination. `key` names the archive in errors. Returns the destination.
+    pub fn publish(mut self, key: &str) -> Result<PathBuf> {
         if !is_complete(&self.temp) {
             return Err(Error::NotComplete { bundle: self.dest.clone() });
         }
+        checkpoint_core::bundle::verify(&self.temp).map_err(|source| Error::BundleInvalid {
+            key: key.to_string(),
+            dest: self.dest.clone(),
+            source: Box::new(source),
+        })?;
         sync_tree(&self.temp)?;
         if fs::symlink_metadata(&self.dest).is_ok() {
             return Err(Error::DestinationExists { path: self.dest.clone() });

@@ -306,7 +306,7 @@ fn unpack_verified(
     match (staged, integrity) {
         (Ok(staged), Ok(())) => {
             drained.map_err(|source| Error::Unpack { key: key.to_string(), source })?;
-            staged.publish()
+            staged.publish(key)
         }
         // A mismatch explains any extraction error.
         (_, Err(e)) => Err(e),

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use checkpoint_core::bundle;
 use kybernate_sidecar::archive::{ArchiveOptions, Compression, Progress};
 use kybernate_sidecar::retry::RetryPolicy;
 use kybernate_sidecar::ship::{ShipOptions, StateDir};
@@ -20,8 +21,8 @@ pub const SECRET_KEY: &str = "kybernate-test-secret";
 pub const BUCKET: &str = "bundles";
 pub const MIB: usize = 1 << 20;
 
-/// Writes a bundle at `root/rel` that looks like the shim's: CRIU images, dumps, manifest, a
-/// symlink and (if `complete`) the COMPLETE marker. `image_bytes` of pseudo-random (incompressible)
+/// Writes a bundle at `root/rel` laid out like the shim's: CRIU images and dumps, sealed (manifest
+/// with every file's sha256, then COMPLETE) if `complete`. `image_bytes` of pseudo-random (incompressible)
 /// data is spread over the image files; `seed` makes bundles differ.
 pub fn make_bundle(root: &Path, rel: &str, image_bytes: usize, seed: u64, complete: bool) -> PathBuf {
     let dir = root.join(rel);
@@ -45,20 +46,19 @@ pub fn make_bundle(root: &Path, rel: &str, image_bytes: usize, seed: u64, comple
     write("rootfs-diff.tar", 10 << 10, true);
     write("deleted.files", 0, false);
     write("stats-dump", 120, true);
-    write("kybernate.json", 900, true);
     std::fs::set_permissions(dir.join("checkpoint/core-1.img"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::symlink("pages-1.img", dir.join("checkpoint/current.img")).unwrap();
     if complete {
         mark_complete(&dir);
     }
     dir
 }
 
-/// Writes COMPLETE the way the shim does: to a temp name, then renamed into place.
+/// Seals the bundle the way the shim does: manifest with every file's size and sha256, then
+/// COMPLETE renamed into place last.
 pub fn mark_complete(dir: &Path) {
-    let tmp = dir.join(".COMPLETE.tmp");
-    std::fs::write(&tmp, b"ok\n").unwrap();
-    std::fs::rename(&tmp, dir.join("COMPLETE")).unwrap();
+    let host = bundle::HostInfo::current("4.1.1".into(), Some("1.1.5".into()));
+    let identity = bundle::ContainerIdentity { namespace: "k8s.io".into(), name: "app".into(), ..Default::default() };
+    bundle::seal(dir, bundle::Manifest::new(host, identity)).unwrap();
 }
 
 /// Every entry of a tree: relative path → (kind, mode, content sha256 or link target).
