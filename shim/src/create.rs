@@ -15,7 +15,7 @@ use crate::config::{RuntimeOptions, ShimConfig};
 use crate::container::{Container, ContainerParts, CreateFlags, SpecInfo};
 use crate::error::{Result, ShimError};
 use crate::events::Publisher;
-use crate::io::{ConsoleSocket, ProcessIo, StdioPaths};
+use crate::io::{ConsoleSocket, IoOwner, ProcessIo, StdioPaths};
 use crate::mount::{mount_rootfs, unmount_all, MountSpec};
 use crate::process::Process;
 use crate::reaper::Reaper;
@@ -139,7 +139,8 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateTaskRequest, prepared: Prepar
         stderr: req.stderr.clone(),
         terminal: req.terminal,
     };
-    let io = Arc::new(ProcessIo::new(&req.id, &stdio, flags.io_uid, flags.io_gid)?);
+    let owner = IoOwner { namespace: ctx.namespace, container_id: &req.id, exec_id: "", reaper: ctx.reaper };
+    let io = Arc::new(ProcessIo::new(&owner, &stdio, flags.io_uid, flags.io_gid)?);
     let mut init = Process::new("", stdio, None);
     init.io = Some(Arc::clone(&io));
 

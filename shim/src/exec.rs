@@ -9,7 +9,7 @@ use containerd_shim::protos::events::task::{TaskExecAdded, TaskExecStarted};
 use crate::container::Container;
 use crate::create::{read_pid_file, CONSOLE_TIMEOUT};
 use crate::error::{Result, ShimError};
-use crate::io::{ConsoleSocket, ProcessIo, StdioPaths};
+use crate::io::{ConsoleSocket, IoOwner, ProcessIo, StdioPaths};
 use crate::process::Process;
 use crate::runc::SpawnOpts;
 
@@ -66,8 +66,8 @@ impl Container {
             }
             (p.stdio.clone(), p.spec.clone().unwrap_or_default())
         };
-        let io =
-            Arc::new(ProcessIo::new(&format!("{}-{exec_id}", self.id), &stdio, self.flags.io_uid, self.flags.io_gid)?);
+        let owner = IoOwner { namespace: &self.namespace, container_id: &self.id, exec_id, reaper: self.runc.reaper() };
+        let io = Arc::new(ProcessIo::new(&owner, &stdio, self.flags.io_uid, self.flags.io_gid)?);
         let process_file = self.bundle.join(format!("exec-{exec_id}.json"));
         let pid_file = self.bundle.join(format!("exec-{exec_id}.pid"));
         std::fs::write(&process_file, spec.to_string())

@@ -6,6 +6,11 @@
 //! With a terminal, runc sends the pty master over a console socket and threads copy between it and
 //! the FIFOs.
 //!
+//! A `binary://` stdout URI names a logging binary instead (see `io/logger.rs`): the shim starts it, and
+//! the process's stdout and stderr pipes are read by the binary itself (a terminal's output is copied
+//! into its stdout pipe). As with containerd's runc shim, a process without a terminal then gets no
+//! stdin.
+//!
 //! FIFO handling keeps containerd restarts harmless: output FIFOs are opened read-write, so writes
 //! never fail with EPIPE while containerd is away; the stdin FIFO is held open for writing by the shim
 //! until CloseIO, so the reader only sees EOF once the client closed stdin and asked for it.
@@ -25,7 +30,12 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
 use crate::error::{Result, ShimError};
+use crate::reaper::Reaper;
 use crate::runc::ChildStdio;
+
+mod logger;
+
+use logger::{LogBinary, Logger};
 
 /// Stack size of copy threads: they only shuttle a heap buffer, and many run per shim.
 const COPY_STACK: usize = 64 * 1024;
@@ -37,18 +47,61 @@ const COPY_BUF: usize = 32 * 1024;
 pub struct StdioPaths {
     /// stdin FIFO (empty: none).
     pub stdin: String,
-    /// stdout FIFO or `file://` URI (empty: none).
+    /// stdout FIFO, `file://` or `binary://` URI (empty: none).
     pub stdout: String,
-    /// stderr FIFO or `file://` URI (empty: none).
+    /// stderr FIFO or `file://` URI (empty: none); with a `binary://` stdout, empty or the same URI.
     pub stderr: String,
     /// Whether the process has a terminal (then stderr is unused).
     pub terminal: bool,
 }
 
-/// Where output goes.
+/// Who a [`ProcessIo`] belongs to: names its copy threads and identifies the process to a logging
+/// binary.
+pub struct IoOwner<'a> {
+    /// containerd namespace of the container.
+    pub namespace: &'a str,
+    /// The container id.
+    pub container_id: &'a str,
+    /// The exec id; empty for the init process.
+    pub exec_id: &'a str,
+    /// The shim's reaper: a logging binary is started under its guard.
+    pub reaper: &'a Reaper,
+}
+
+impl IoOwner<'_> {
+    /// Name of the copy threads: the container id, with the exec id for an exec'd process.
+    fn name(&self) -> String {
+        match self.exec_id {
+            "" => self.container_id.to_string(),
+            exec_id => format!("{}-{exec_id}", self.container_id),
+        }
+    }
+
+    /// `CONTAINER_ID` of a logging binary: as containerd's runc shim passes it, the exec id of an
+    /// exec'd process.
+    fn log_id(&self) -> &str {
+        match self.exec_id {
+            "" => self.container_id,
+            exec_id => exec_id,
+        }
+    }
+}
+
+/// What a stdio URI names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Sink {
+    /// A FIFO or file the shim copies output into.
+    Output(Output),
+    /// A logging binary that reads the output itself.
+    Binary(LogBinary),
+}
+
+/// A FIFO or file the shim copies output into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Output {
+    /// A FIFO (containerd's default).
     Fifo(PathBuf),
+    /// A file (`file://`), appended to.
     File(PathBuf),
 }
 
@@ -58,25 +111,38 @@ impl Sink {
             return Ok(None);
         }
         if let Some(path) = uri.strip_prefix("file://") {
-            return Ok(Some(Sink::File(PathBuf::from(path))));
+            return Ok(Some(Sink::Output(Output::File(PathBuf::from(path)))));
         }
         if let Some(path) = uri.strip_prefix("fifo://") {
-            return Ok(Some(Sink::Fifo(PathBuf::from(path))));
+            return Ok(Some(Sink::Output(Output::Fifo(PathBuf::from(path)))));
+        }
+        if let Some(rest) = uri.strip_prefix(logger::SCHEME) {
+            return Ok(Some(Sink::Binary(LogBinary::parse(uri, rest)?)));
         }
         if let Some((scheme, _)) = uri.split_once("://") {
             return Err(ShimError::InvalidArgument(format!(
                 "stdio URI {uri:?} uses scheme {scheme:?}, which io.containerd.kybernate.v1 does not support: \
-                 use FIFOs (the default) or file://"
+                 use FIFOs (the default), file:// or binary://"
             )));
         }
-        Ok(Some(Sink::Fifo(PathBuf::from(uri))))
+        Ok(Some(Sink::Output(Output::Fifo(PathBuf::from(uri)))))
     }
 
+    /// The FIFO or file, if the URI names one.
+    fn output(self) -> Option<Output> {
+        match self {
+            Sink::Output(output) => Some(output),
+            Sink::Binary(_) => None,
+        }
+    }
+}
+
+impl Output {
     fn open(&self) -> Result<File> {
         match self {
             // Read-write: never blocks, and keeps a reader so writes cannot fail while containerd restarts.
-            Sink::Fifo(path) => open_fifo(path, true),
-            Sink::File(path) => {
+            Output::Fifo(path) => open_fifo(path, true),
+            Output::File(path) => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)
                         .map_err(|e| ShimError::io(format!("creating log directory {}", dir.display()), e))?;
@@ -184,6 +250,8 @@ pub struct ProcessIo {
     copies: CopyGroup,
     /// The container's ends of the pipes, until runc has been given them.
     child: Mutex<Option<ChildEnds>>,
+    /// The logging binary of a `binary://` stdout.
+    logger: Option<Logger>,
 }
 
 struct ChildEnds {
@@ -193,13 +261,37 @@ struct ChildEnds {
 }
 
 impl ProcessIo {
-    /// Prepares the stdio for one process. Without a terminal the pipes are created and the copies
-    /// start now; with a terminal the copies start in [`ProcessIo::attach_console`]. `uid`/`gid` own
+    /// Prepares the stdio for one process of `owner`. Without a terminal the pipes are created and
+    /// the copies start now; with a terminal the copies start in [`ProcessIo::attach_console`]. A
+    /// logging binary (`binary://` stdout) is started and ready when this returns. `uid`/`gid` own
     /// the pipes (the container's user must be able to reopen `/proc/self/fd/*`).
-    pub fn new(name: &str, paths: &StdioPaths, uid: u32, gid: u32) -> Result<ProcessIo> {
+    pub fn new(owner: &IoOwner<'_>, paths: &StdioPaths, uid: u32, gid: u32) -> Result<ProcessIo> {
+        let name = owner.name();
         let stdout = Sink::parse(&paths.stdout)?;
         let stderr = if paths.terminal { None } else { Sink::parse(&paths.stderr)? };
-        let stdin_keep = match paths.stdin.as_str() {
+        let binary = match (&stdout, &stderr) {
+            (Some(Sink::Binary(binary)), None) => Some(binary),
+            (Some(Sink::Binary(binary)), Some(_)) if paths.stderr == paths.stdout => Some(binary),
+            (Some(Sink::Binary(_)), _) | (_, Some(Sink::Binary(_))) => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "stdout {:?} and stderr {:?}: a logging binary receives both streams, so stderr must be \
+                     empty or the same binary:// URI",
+                    paths.stdout, paths.stderr
+                )))
+            }
+            _ => None,
+        };
+        // As with containerd's runc shim, a process that logs to a binary has no stdin without a terminal.
+        let stdin = match (binary, paths.stdin.as_str()) {
+            (Some(_), stdin) if !paths.terminal && !stdin.is_empty() => {
+                tracing::warn!(process = %name, stdin, "stdin is not supported with a logging binary; ignored");
+                ""
+            }
+            (_, stdin) => stdin,
+        };
+        let logger = binary.map(|b| b.start(owner.log_id(), owner.namespace, owner.reaper)).transpose()?;
+        let (stdout, stderr) = (stdout.and_then(Sink::output), stderr.and_then(Sink::output));
+        let stdin_keep = match stdin {
             "" => None,
             path => Some(open_fifo(Path::new(path), true)?),
         };
@@ -209,6 +301,7 @@ impl ProcessIo {
             console: Mutex::new(None),
             copies: CopyGroup::default(),
             child: Mutex::new(None),
+            logger,
         };
         if paths.terminal {
             return Ok(io);
@@ -221,18 +314,24 @@ impl ProcessIo {
             Ok(())
         };
         let mut ends = ChildEnds { stdin: None, stdout: None, stderr: None };
-        if !paths.stdin.is_empty() {
+        if !stdin.is_empty() {
             let (r, w) = pipe()?;
             owner(&r)?;
-            let source = open_fifo(Path::new(&paths.stdin), false)?;
+            let source = open_fifo(Path::new(stdin), false)?;
             spawn_copy(format!("{name}-stdin"), source, File::from(w), None)?;
             ends.stdin = Some(r);
         }
-        for (sink, slot, what) in [(stdout, &mut ends.stdout, "stdout"), (stderr, &mut ends.stderr, "stderr")] {
-            let Some(sink) = sink else { continue };
+        if let Some(pipes) = io.logger.as_ref().and_then(Logger::take_pipes) {
+            owner(&pipes.stdout)?;
+            owner(&pipes.stderr)?;
+            ends.stdout = Some(pipes.stdout);
+            ends.stderr = Some(pipes.stderr);
+        }
+        for (output, slot, what) in [(stdout, &mut ends.stdout, "stdout"), (stderr, &mut ends.stderr, "stderr")] {
+            let Some(output) = output else { continue };
             let (r, w) = pipe()?;
             owner(&w)?;
-            spawn_copy(format!("{name}-{what}"), File::from(r), sink.open()?, Some(io.copies.clone()))?;
+            spawn_copy(format!("{name}-{what}"), File::from(r), output.open()?, Some(io.copies.clone()))?;
             *slot = Some(w);
         }
         *io.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(ends);
@@ -258,16 +357,21 @@ impl ProcessIo {
         }
     }
 
-    /// Starts copying between a terminal process's pty master and the FIFOs.
+    /// Starts copying between a terminal process's pty master and the FIFOs (or a logging binary).
     pub fn attach_console(&self, name: &str, master: File) -> Result<()> {
         if !self.paths.stdin.is_empty() {
             let source = open_fifo(Path::new(&self.paths.stdin), false)?;
             let to = master.try_clone().map_err(|e| ShimError::io("duplicating the pty master", e))?;
             spawn_copy(format!("{name}-stdin"), source, to, None)?;
         }
-        if let Some(sink) = Sink::parse(&self.paths.stdout)? {
+        let output = match &self.logger {
+            // The binary's stderr pipe closes with the rest: a terminal has no stderr.
+            Some(logger) => logger.take_pipes().map(|pipes| File::from(pipes.stdout)),
+            None => Sink::parse(&self.paths.stdout)?.and_then(Sink::output).map(|o| o.open()).transpose()?,
+        };
+        if let Some(to) = output {
             let from = master.try_clone().map_err(|e| ShimError::io("duplicating the pty master", e))?;
-            spawn_copy(format!("{name}-stdout"), from, sink.open()?, Some(self.copies.clone()))?;
+            spawn_copy(format!("{name}-stdout"), from, to, Some(self.copies.clone()))?;
         }
         *self.console.lock().unwrap_or_else(|p| p.into_inner()) = Some(master);
         Ok(())
@@ -298,20 +402,29 @@ impl ProcessIo {
         self.stdin_keep.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// Waits (bounded) until all output has been copied; whether it was.
+    /// Waits (bounded) until all output has been copied, and a logging binary has read it all and
+    /// exited (it does at EOF); whether that happened.
     pub fn drain_output(&self, timeout: Duration) -> bool {
-        let drained = self.copies.wait(timeout);
+        let deadline = Instant::now() + timeout;
+        let drained = self.copies.wait(timeout)
+            && self.logger.as_ref().is_none_or(|l| l.wait_exit(deadline.saturating_duration_since(Instant::now())));
         if !drained {
-            tracing::warn!(stdout = %self.paths.stdout, "output copies still running after {timeout:?}; another process may hold the pipes");
+            tracing::warn!(stdout = %self.paths.stdout, "output still unread after {timeout:?}; another process may hold the pipes");
         }
         drained
     }
 
-    /// Waits (bounded) until all output has been copied, then lets go of stdin and the terminal.
+    /// Lets go of the pipe ends runc never got, waits (bounded) until all output has been copied,
+    /// then lets go of stdin and the terminal and stops a logging binary (SIGTERM, if it has not
+    /// exited by then).
     pub fn finish(&self, timeout: Duration) {
+        self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.drain_output(timeout);
         self.close_stdin();
         self.console.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(logger) = &self.logger {
+            logger.stop();
+        }
     }
 }
 
@@ -394,12 +507,17 @@ mod tests {
 
     #[test]
     fn sinks_parse() {
+        let output = |o| Some(Sink::Output(o));
         assert_eq!(Sink::parse("").unwrap(), None);
-        assert_eq!(Sink::parse("/run/x/stdout").unwrap(), Some(Sink::Fifo("/run/x/stdout".into())));
-        assert_eq!(Sink::parse("fifo:///a").unwrap(), Some(Sink::Fifo("/a".into())));
-        assert_eq!(Sink::parse("file:///var/log/c.log").unwrap(), Some(Sink::File("/var/log/c.log".into())));
-        let err = Sink::parse("binary:///usr/bin/logger?a=b").unwrap_err().to_string();
-        assert!(err.contains("binary"), "{err}");
+        assert_eq!(Sink::parse("/run/x/stdout").unwrap(), output(Output::Fifo("/run/x/stdout".into())));
+        assert_eq!(Sink::parse("fifo:///a").unwrap(), output(Output::Fifo("/a".into())));
+        assert_eq!(Sink::parse("file:///var/log/c.log").unwrap(), output(Output::File("/var/log/c.log".into())));
+        let Some(Sink::Binary(binary)) = Sink::parse("binary:///bin/sh?-c=true").unwrap() else { panic!() };
+        assert_eq!((binary.path.to_str(), binary.args.join(" ")), (Some("/bin/sh"), "-c true".into()));
+        let err = Sink::parse("binary:///nonexistent/logger?a=b").unwrap_err().to_string();
+        assert!(err.contains("logging binary /nonexistent/logger does not exist"), "{err}");
+        let err = Sink::parse("syslog://host").unwrap_err().to_string();
+        assert!(err.contains("\"syslog\""), "{err}");
     }
 
     #[test]
@@ -407,22 +525,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         nix::unistd::mkfifo(&out, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let reader = std::thread::spawn({
-            let out = out.clone();
-            move || {
-                let mut f = OpenOptions::new().read(true).open(&out).unwrap();
-                let mut s = String::new();
-                f.read_to_string(&mut s).unwrap();
-                s
-            }
-        });
+        // Opened before the shim's writer (without blocking), so EOF comes only once that writer closed.
+        let mut fifo = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&out).unwrap();
         let log = dir.path().join("logs/err.log");
         let paths = StdioPaths {
             stdout: out.display().to_string(),
             stderr: format!("file://{}", log.display()),
             ..Default::default()
         };
-        let io = ProcessIo::new("t", &paths, 0, 0).unwrap();
+        let reaper = Reaper::inert();
+        let io = ProcessIo::new(&owner(&reaper), &paths, 0, 0).unwrap();
+        let reader = std::thread::spawn(move || {
+            nix::fcntl::fcntl(fifo.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).unwrap();
+            let mut s = String::new();
+            fifo.read_to_string(&mut s).unwrap();
+            s
+        });
         let stdio = io.take_child_stdio();
         let mut child = std::process::Command::new("sh")
             .args(["-c", "echo hello; echo oops >&2"])
@@ -435,6 +553,65 @@ mod tests {
         io.finish(Duration::from_secs(10));
         assert_eq!(reader.join().unwrap(), "hello\n");
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "oops\n");
+    }
+
+    fn owner(reaper: &Reaper) -> IoOwner<'_> {
+        IoOwner { namespace: "ns", container_id: "c", exec_id: "", reaper }
+    }
+
+    /// A `binary://` URI of a shell logger that appends fds 3 and 4 to `log`.
+    fn shell_logger(log: &Path) -> String {
+        let script = format!("exec 5>&-; /bin/cat <&3 >> {0}; /bin/cat <&4 >> {0}", log.display());
+        let query: String = form_urlencoded::Serializer::new(String::new()).append_pair("-c", &script).finish();
+        format!("binary:///bin/sh?{query}")
+    }
+
+    #[test]
+    fn a_logging_binary_reads_the_pipes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let uri = shell_logger(&log);
+        let reaper = Reaper::inert();
+        let stdin = dir.path().join("stdin");
+        nix::unistd::mkfifo(&stdin, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let paths = StdioPaths {
+            stdin: stdin.display().to_string(),
+            stdout: uri.clone(),
+            stderr: uri.clone(),
+            terminal: false,
+        };
+        let io = ProcessIo::new(&owner(&reaper), &paths, 0, 0).unwrap();
+        let stdio = io.take_child_stdio();
+        assert!(stdio.stdin.is_none(), "stdin is not supported with a logging binary");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo hello; echo oops >&2"])
+            .stdin(Stdio::null())
+            .stdout(stdio.stdout.unwrap())
+            .stderr(stdio.stderr.unwrap())
+            .spawn()
+            .unwrap();
+        child.wait().unwrap();
+        assert!(io.drain_output(Duration::from_secs(10)), "the logger did not exit at EOF");
+        io.finish(Duration::from_secs(10));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\noops\n");
+
+        let other = StdioPaths { stdout: uri, stderr: format!("file://{}", log.display()), ..Default::default() };
+        let err = ProcessIo::new(&owner(&reaper), &other, 0, 0).err().unwrap().to_string();
+        assert!(err.contains("stderr must be empty or the same binary:// URI"), "{err}");
+    }
+
+    #[test]
+    fn a_logging_binary_reads_the_terminal() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let reaper = Reaper::inert();
+        let paths = StdioPaths { stdout: shell_logger(&log), terminal: true, ..Default::default() };
+        let io = ProcessIo::new(&owner(&reaper), &paths, 0, 0).unwrap();
+        let pty = nix::pty::openpty(None, None).unwrap();
+        io.attach_console("c", File::from(pty.master)).unwrap();
+        File::from(pty.slave).write_all(b"on the tty\n").unwrap();
+        io.finish(Duration::from_secs(10));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "on the tty\r\n");
     }
 
     #[test]

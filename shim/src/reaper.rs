@@ -84,6 +84,15 @@ impl Reaper {
         Ok(reaper)
     }
 
+    /// A reaper that reaps nothing (no `SIGCHLD` handler, no thread), for tests of code that takes
+    /// its guards: a sweep would steal the statuses of children other tests wait for.
+    #[cfg(test)]
+    pub(crate) fn inert() -> Arc<Reaper> {
+        let (_, wake) = UnixStream::pair().expect("a socket pair");
+        wake.set_nonblocking(true).expect("a non-blocking socket");
+        Arc::new(Reaper { state: Mutex::new(State::default()), wake })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
