@@ -99,18 +99,25 @@ impl Container {
                 true
             }
             Err(e) => {
-                let still_running = self.runc.core().state(&self.id).ok().flatten().is_some();
-                if still_running {
+                // runc runs under the guard, or the reaper's sweep could take its exit status. Only a
+                // container runc no longer knows is gone (CRIU finished the dump, then something
+                // failed); when in doubt the stop signal is delivered, so the container still stops.
+                let state = {
+                    let _guard = self.runc.reaper().guard();
+                    self.runc.core().state(&self.id)
+                };
+                let gone = matches!(state, Ok(None));
+                if !gone {
                     *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
                 tracing::warn!(
                     id = %self.id,
                     bundle = %dir.display(),
                     error = %e,
-                    still_running,
+                    container_gone = gone,
                     "checkpoint on stop failed; the bundle is marked FAILED and the container stops without it"
                 );
-                !still_running
+                gone
             }
         }
     }
