@@ -73,8 +73,21 @@ while [ "$left" -gt 0 ]; do
   fi
   left=$((left - n)); i=$((i + 1))
 done
-echo '{"format_version":1}' >"$bundle/kybernate.json"
-echo "kybernate.json sha256:bench" >"$bundle/COMPLETE"
+# Seal it as checkpoint-core does (docs/bundle-format.md): every file's size and sha256 in
+# kybernate.json, then COMPLETE holding the manifest's own sha256; pulls verify both.
+{
+  printf '{"format_version":1,"created":"2024-01-01T00:00:00.000Z",'
+  printf '"host":{"criu_version":"4.1.1","runc_version":null,"kernel":"%s","arch":"%s"},' "$(uname -r)" "$(uname -m)"
+  printf '"container":{"namespace":"bench","pod":"pod-0","name":"ctr","id":"ctr","image":null},'
+  printf '"checkpoint":null,"gpu":null,"files":{'
+  sep=""
+  while read -r f; do
+    printf '%s"%s":{"size":%s,"sha256":"%s"}' "$sep" "$f" "$(stat -c %s "$bundle/$f")" "$(sha256sum "$bundle/$f" | cut -d' ' -f1)"
+    sep=","
+  done < <(cd "$bundle" && find . -type f ! -name kybernate.json ! -name COMPLETE | sed 's|^\./||' | sort)
+  printf '}}'
+} >"$bundle/kybernate.json"
+printf 'kybernate.json sha256:%s\n' "$(sha256sum "$bundle/kybernate.json" | cut -d' ' -f1)" >"$bundle/COMPLETE"
 tar cf /dev/null -C "$ckpt" "$rel"   # warm the page cache
 
 results="$work/results.tsv"
