@@ -80,7 +80,17 @@ enum Command {
     Daemon,
 }
 
+/// Transfer buffers (parts, ranges) are MiB-sized and short-lived. glibc raises its mmap threshold
+/// each time such a buffer is freed, after which they come from per-thread heaps that keep the memory:
+/// a pull of 2 GiB peaked at 244 MiB RSS. A fixed threshold keeps every large buffer mmapped, so
+/// memory goes back to the kernel as soon as a buffer is dropped and RSS stays at what is in flight.
+fn keep_large_buffers_mmapped() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+}
+
 fn main() -> ExitCode {
+    keep_large_buffers_mmapped();
     let cli = Cli::parse();
     // The daemon logs its work; one-shot commands print their result and log only problems.
     let default_level = if matches!(cli.command, Command::Daemon) { "info" } else { "warn" };
