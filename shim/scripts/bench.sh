@@ -25,7 +25,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 KYBERNATE=io.containerd.kybernate.v1
 STOCK=io.containerd.runc.v2
 IMAGE=docker.io/kybernate/bench-busybox:latest
-COUNTER='i=0; while :; do i=$((i+1)); echo $i > /state/counter; sleep 0.1; done'
+COUNTER='i=0; while :; do i=$((i+1)); echo $i > /state/counter.new; mv /state/counter.new /state/counter; sleep 0.1; done'
 
 die() { echo "bench: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (containerd, runc and CRIU need it)"
@@ -76,7 +76,7 @@ build_image() {
     local d="$WORK/image" rootfs="$WORK/image-rootfs"
     mkdir -p "$d/blobs/sha256" "$rootfs/bin" "$rootfs/state" "$rootfs/tmp" "$rootfs/proc" "$rootfs/dev" "$rootfs/sys"
     cp "$(command -v busybox)" "$rootfs/bin/busybox"
-    for a in sh sleep echo cat; do ln -sf busybox "$rootfs/bin/$a"; done
+    for a in sh sleep echo cat mv; do ln -sf busybox "$rootfs/bin/$a"; done
     tar --numeric-owner --owner=0 --group=0 -C "$rootfs" -cf "$WORK/layer.tar" .
     local layer size_l config size_c manifest size_m
     layer=$(sha256sum "$WORK/layer.tar" | cut -d' ' -f1); size_l=$(stat -c %s "$WORK/layer.tar")

@@ -53,7 +53,7 @@ pub const RESTORE_POLICY: &str = "kybernate.io/restore-policy";
 /// counter to stdout and into `/state/counter` ten times a second. The counter lives only in the
 /// shell's memory, so a restored container continues it and a fresh one starts at 1.
 pub const CRI_COUNTER_SCRIPT: &str =
-    "echo \"$TOKEN\" > /state/token; i=0; while :; do i=$((i+1)); echo $i; echo $i > /state/counter; sleep 0.1; done";
+    "echo \"$TOKEN\" > /state/token; i=0; while :; do i=$((i+1)); echo $i; echo $i > /state/counter.new; mv /state/counter.new /state/counter; sleep 0.1; done";
 
 /// How long one CRI call may take unless the caller says otherwise.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);

@@ -120,7 +120,7 @@ pub fn busybox_bundle(dir: &Path, args: &[&str]) -> Result<PathBuf> {
     }
     fs::copy(BUSYBOX, rootfs.join("bin/busybox"))
         .with_context(|| format!("copying {BUSYBOX}: install busybox-static (make deps)"))?;
-    for applet in ["sh", "sleep", "echo", "cat", "ls"] {
+    for applet in ["sh", "sleep", "echo", "cat", "ls", "mv"] {
         symlink("busybox", rootfs.join("bin").join(applet))?;
     }
     let status = Command::new("runc")
@@ -141,8 +141,10 @@ pub fn busybox_bundle(dir: &Path, args: &[&str]) -> Result<PathBuf> {
 }
 
 /// The shell loop our container tests run: a counter held in the shell's memory, written to
-/// `/state/counter` ten times a second. If the restore lost memory, the counter would restart at 1.
-pub const COUNTER_SCRIPT: &str = "i=0; while :; do i=$((i+1)); echo $i > /state/counter; sleep 0.1; done";
+/// `/state/counter` ten times a second (by rename, so a reader, or a checkpoint, never sees it half
+/// written). If the restore lost memory, the counter would restart at 1.
+pub const COUNTER_SCRIPT: &str =
+    "i=0; while :; do i=$((i+1)); echo $i > /state/counter.new; mv /state/counter.new /state/counter; sleep 0.1; done";
 
 /// Reads the counter a [`COUNTER_SCRIPT`] container wrote into its rootfs.
 pub fn read_counter(bundle: &Path) -> Option<u64> {
@@ -723,7 +725,9 @@ pub fn busybox_oci_image_running(name: &str, cmd: &[&str]) -> Result<Vec<u8>> {
     h.set_mode(0o755);
     h.set_size(busybox.len() as u64);
     layer.append_data(&mut h, "bin/busybox", busybox.as_slice())?;
-    for applet in ["sh", "sleep", "echo", "cat", "ls", "yes", "head", "true", "test", "seq", "kill", "stty", "tty"] {
+    for applet in
+        ["sh", "sleep", "echo", "cat", "ls", "mv", "yes", "head", "true", "test", "seq", "kill", "stty", "tty"]
+    {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);

@@ -20,7 +20,7 @@ const OPT_IN: &str = "kybernate.io/checkpoint-on-stop=true";
 const CHECKPOINTS: &str = "checkpoint_dir = \"{dir}/checkpoints\"\n";
 /// A counter that exits 7 on SIGTERM (a shell as pid 1 ignores signals it does not trap).
 const TRAPPING_COUNTER: &str =
-    "trap 'exit 7' TERM; i=0; while :; do i=$((i+1)); echo $i > /state/counter; sleep 0.1; done";
+    "trap 'exit 7' TERM; i=0; while :; do i=$((i+1)); echo $i > /state/counter.new; mv /state/counter.new /state/counter; sleep 0.1; done";
 
 fn checkpoint_root(c: &Containerd) -> PathBuf {
     c.dir.path().join("checkpoints")

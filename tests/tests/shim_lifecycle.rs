@@ -349,7 +349,7 @@ fn a_crashed_shim_is_cleaned_up_by_shim_delete() {
 fn restored_task_keeps_writing_to_its_stdout() {
     use std::io::BufRead;
     let (c, image) = setup();
-    let talker = "i=0; while :; do i=$((i+1)); echo $i > /state/counter; echo tick $i; sleep 0.1; done";
+    let talker = "i=0; while :; do i=$((i+1)); echo $i > /state/counter.new; mv /state/counter.new /state/counter; echo tick $i; sleep 0.1; done";
     ctr_run(&c, &["-d"], image, "talk", &["sh", "-c", talker]).unwrap().ok("ctr run -d").unwrap();
     let before = counter_past(&c, "talk", 3);
     c.ctr_ok(&["containers", "checkpoint", "--task", "talk", "talk-image"]).unwrap();

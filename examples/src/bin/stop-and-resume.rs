@@ -18,7 +18,8 @@ use checkpoint_core::bundle;
 use kybernate_tests::{read_counter, wait_for, Containerd, ContainerdOptions, KYBERNATE_RUNTIME, KYBERNATE_SHIM};
 
 /// The workload: a shell counter kept in memory, written to a file of its writable layer.
-const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /state/counter; sleep 0.1; done";
+const COUNTER: &str =
+    "i=0; while :; do i=$((i+1)); echo $i > /state/counter.new; mv /state/counter.new /state/counter; sleep 0.1; done";
 
 fn main() -> Result<()> {
     let shim = std::env::current_exe()?.with_file_name(KYBERNATE_SHIM);
