@@ -140,80 +140,42 @@ pub struct Container {
     /// The exit status to report for init when it was checkpointed on stop (CRIU ends it with
     /// SIGKILL; containerd is told it stopped on the stop signal it sent).
     pub stop_status: Mutex<Option<u32>>,
+    /// The locks and process table; see the module docs.
+    pub lifecycle: Lifecycle,
+}
+
+/// What serialises a container's operations and guards its processes.
+pub struct Lifecycle {
     ops: Mutex<()>,
     procs: Mutex<Processes>,
     changed: Condvar,
 }
 
-/// Everything a new [`Container`] is made of.
-pub struct ContainerParts {
-    /// containerd's container id.
-    pub id: String,
-    /// The OCI bundle.
-    pub bundle: PathBuf,
-    /// containerd namespace.
-    pub namespace: String,
-    /// runc for this bundle.
-    pub runc: RuncCli,
-    /// CRIU.
-    pub criu: Criu,
-    /// Configuration.
-    pub config: ShimConfig,
-    /// runc options.
-    pub flags: CreateFlags,
-    /// Spec facts.
-    pub spec: SpecInfo,
-    /// The rootfs the shim mounted.
-    pub rootfs: Option<PathBuf>,
-    /// The overlayfs upper directory of the rootfs.
-    pub upperdir: Option<PathBuf>,
-    /// Whether a stop signal checkpoints the container first.
-    pub checkpoint_on_stop: bool,
-    /// Event sink.
-    pub events: Publisher,
-    /// Checkpoint to restore at Start.
-    pub restore: Option<RestoreSource>,
-    /// The init process.
-    pub init: Process,
-}
-
-impl Container {
-    /// Assembles a container.
-    pub fn new(parts: ContainerParts) -> Self {
-        Container {
-            id: parts.id,
-            bundle: parts.bundle,
-            namespace: parts.namespace,
-            runc: parts.runc,
-            criu: parts.criu,
-            config: parts.config,
-            flags: parts.flags,
-            spec: parts.spec,
-            rootfs: parts.rootfs,
-            upperdir: parts.upperdir,
-            checkpoint_on_stop: parts.checkpoint_on_stop,
-            events: parts.events,
-            restore: Mutex::new(parts.restore),
-            stop_status: Mutex::new(None),
+impl Lifecycle {
+    /// The state of a new container whose init process is `init`.
+    pub fn new(init: Process) -> Self {
+        Lifecycle {
             ops: Mutex::new(()),
-            procs: Mutex::new(Processes { init: parts.init, execs: HashMap::new() }),
+            procs: Mutex::new(Processes { init, execs: HashMap::new() }),
             changed: Condvar::new(),
         }
     }
+}
 
+impl Container {
     /// Serialises lifecycle operations of this container.
     pub fn ops(&self) -> MutexGuard<'_, ()> {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+        self.lifecycle.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The process table.
     pub fn procs(&self) -> MutexGuard<'_, Processes> {
-        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+        self.lifecycle.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Wakes Wait calls after a process changed.
     pub fn notify(&self) {
-        self.changed.notify_all();
+        self.lifecycle.changed.notify_all();
     }
 
     /// Host pid of the init process (0 before it exists).
@@ -247,7 +209,7 @@ impl Container {
             if let Some(exit) = procs.get(exec_id)?.exit {
                 return Ok(exit);
             }
-            procs = self.changed.wait(procs).unwrap_or_else(|p| p.into_inner());
+            procs = self.lifecycle.changed.wait(procs).unwrap_or_else(|p| p.into_inner());
         }
     }
 

@@ -2,7 +2,7 @@
 //! carries a checkpoint, check the checkpoint image and defer `runc restore` to Start.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkpoint_core::Criu;
@@ -12,7 +12,7 @@ use containerd_shim::protos::protobuf::MessageField;
 
 use crate::checkpoint::RestoreSource;
 use crate::config::{RuntimeOptions, ShimConfig};
-use crate::container::{Container, ContainerParts, CreateFlags, SpecInfo};
+use crate::container::{Container, CreateFlags, Lifecycle, SpecInfo};
 use crate::error::{Result, ShimError};
 use crate::events::Publisher;
 use crate::io::{ConsoleSocket, IoOwner, ProcessIo, StdioPaths};
@@ -144,7 +144,7 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateTaskRequest, prepared: Prepar
     let mut init = Process::new("", stdio, None);
     init.io = Some(Arc::clone(&io));
 
-    let container = Container::new(ContainerParts {
+    let container = Container {
         id: req.id.clone(),
         bundle: bundle.clone(),
         namespace: ctx.namespace.to_string(),
@@ -157,9 +157,10 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateTaskRequest, prepared: Prepar
         upperdir: overlay_upperdir(&mounts),
         checkpoint_on_stop,
         events: ctx.events.clone(),
-        restore,
-        init,
-    });
+        restore: Mutex::new(restore),
+        stop_status: Mutex::new(None),
+        lifecycle: Lifecycle::new(init),
+    };
 
     if container.restore.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
         // The init process must be watched before the guard ends, or its exit could be missed.
