@@ -89,9 +89,7 @@ impl RuncCli {
         self.version
             .get_or_init(|| {
                 let _guard = self.reaper.guard();
-                let out = Command::new(&self.binary).arg("--version").stdin(Stdio::null()).output().ok()?;
-                let text = String::from_utf8_lossy(&out.stdout);
-                text.lines().find_map(|l| l.strip_prefix("runc version ")).map(|v| v.trim().to_string())
+                self.core().version()
             })
             .clone()
     }
