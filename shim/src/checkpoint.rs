@@ -2,11 +2,10 @@
 //! to the image directory so it travels with containerd's checkpoint image; and the checks a
 //! checkpoint image must pass at Create before it is restored at Start.
 //!
-//! The image directory holds CRIU's images and runc's `descriptors.json`, plus:
-//! - [`CRIU_FLAGS_FILE`]: the CRIU flags of the dump, which the restore must repeat;
-//! - `kybernate.json` and `COMPLETE` (checkpoint-core's bundle manifest and marker): versions of
-//!   CRIU/runc/kernel/arch, the container's identity, the checkpoint report, and every file's size and
-//!   SHA-256, verified before a restore.
+//! The image directory holds CRIU's images and runc's `descriptors.json`, plus `kybernate.json` and
+//! `COMPLETE` (checkpoint-core's bundle manifest and marker): versions of CRIU/runc/kernel/arch, the
+//! container's identity, the checkpoint report, the CRIU flags of the dump (which the restore
+//! repeats), and every file's size and SHA-256, verified before a restore.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,9 +25,6 @@ use crate::config::decode_checkpoint_options;
 use crate::container::Container;
 use crate::error::{Result, ShimError};
 use crate::reaper::Reaper;
-
-/// The CRIU flags a checkpoint was taken with (JSON), next to the images.
-pub const CRIU_FLAGS_FILE: &str = "kybernate-criu-flags.json";
 
 /// Translates containerd's checkpoint options into checkpoint-core's.
 pub fn core_options(opts: &RuncCheckpointOptions, work_dir: PathBuf) -> Result<CheckpointOptions> {
@@ -108,9 +104,6 @@ impl Container {
     }
 
     fn write_manifest(&self, image_dir: &Path, flags: &CriuFlags, report: &CheckpointReport) -> Result<()> {
-        let flags_path = image_dir.join(CRIU_FLAGS_FILE);
-        let json = serde_json::to_vec_pretty(flags).map_err(|e| ShimError::Internal(format!("encoding flags: {e}")))?;
-        std::fs::write(&flags_path, json).map_err(|e| ShimError::io(format!("writing {}", flags_path.display()), e))?;
         let host = HostInfo::current(report.criu_version.to_string(), self.runc.version());
         let mut manifest = Manifest::new(host, self.identity());
         manifest.checkpoint = Some(report.clone());
@@ -176,13 +169,8 @@ impl RestoreSource {
             tracing::warn!(image = %dir.display(), "checkpoint has no Kybernate manifest; restoring it unverified");
             None
         };
-        let flags = match std::fs::read(dir.join(CRIU_FLAGS_FILE)) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| refuse(format!("{CRIU_FLAGS_FILE} does not parse: {e}")))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => CriuFlags::default(),
-            Err(e) => return Err(ShimError::io(format!("reading {}", dir.join(CRIU_FLAGS_FILE).display()), e)),
-        };
+        // Images of other shims carry no flags: CRIU's defaults, as runc's restore assumes.
+        let flags = manifest.as_ref().and_then(|m| m.criu_flags.clone()).unwrap_or_default();
         Ok(RestoreSource { image_dir: dir.to_path_buf(), flags, manifest, bundle: None, gpu: None })
     }
 
