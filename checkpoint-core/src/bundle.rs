@@ -41,6 +41,40 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Default node checkpoint directory.
 pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/kybernate/checkpoints";
 
+/// Where a bundle keeps its CRIU images. Kybernate writes both with one writer and opens both with one
+/// opener; the manifest's file list says which one a bundle is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleLayout {
+    /// A node bundle (KEP-2008 archive layout, as Podman, CRI-O and checkpointctl read it): images in
+    /// [`CHECKPOINT_DIR`]`/`, beside `config.dump`, `spec.dump`, the writable layer and `stats-dump`.
+    Archive,
+    /// A containerd task checkpoint (`ctr c checkpoint`, the task API's Checkpoint): CRIU images at the
+    /// top of the directory containerd names, as runc's shim writes them. containerd tars that directory
+    /// into its content store, and its CRI nests it as `checkpoint/` of a KEP-2008 archive, adding
+    /// `config.dump` and `spec.dump` itself; so nothing but the images and the manifest goes here.
+    TaskImage,
+}
+
+impl BundleLayout {
+    /// The directory of CRIU images in the bundle `dir`.
+    pub fn image_dir(self, dir: &Path) -> PathBuf {
+        match self {
+            BundleLayout::Archive => dir.join(CHECKPOINT_DIR),
+            BundleLayout::TaskImage => dir.to_path_buf(),
+        }
+    }
+
+    /// The layout of the bundle `dir`, from where its CRIU inventory is; `None` when it has none.
+    pub fn detect(dir: &Path) -> Option<Self> {
+        [BundleLayout::Archive, BundleLayout::TaskImage]
+            .into_iter()
+            .find(|layout| layout.image_dir(dir).join(INVENTORY_IMAGE).is_file())
+    }
+}
+
+/// CRIU's inventory image, present in every image directory.
+pub const INVENTORY_IMAGE: &str = "inventory.img";
+
 /// Whether `dir` holds a finished bundle (its [`COMPLETE_MARKER`] exists).
 pub fn is_complete(dir: &Path) -> bool {
     dir.join(COMPLETE_MARKER).is_file()

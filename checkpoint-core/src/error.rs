@@ -79,6 +79,18 @@ pub enum Error {
         /// What happened.
         failure: Box<ToolFailure>,
     },
+    /// A runc lifecycle command (`create`, `start`, `kill`, `state`, ...) ran and failed.
+    #[error("runc {action} of {id} failed ({status}): {message}")]
+    RuncCommand {
+        /// The runc sub-command.
+        action: &'static str,
+        /// The container id.
+        id: String,
+        /// How runc exited.
+        status: String,
+        /// runc's own error message (from its JSON log, else its stderr).
+        message: String,
+    },
     /// The runc binary could not be started.
     #[error("runc not found at {path}: {source}; install runc (run `make deps`)")]
     RuncMissing {
@@ -97,6 +109,14 @@ pub enum Error {
         /// What the caller can do.
         hint: String,
     },
+    /// A bundle reference does not parse.
+    #[error("{reference:?} is not a bundle reference: {reason}; use an absolute path, file:///path or s3://bucket/key")]
+    Reference {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A checkpoint bundle is incomplete, damaged or of an unknown format.
     #[error("checkpoint bundle {path} is unusable: {reason}")]
     Bundle {
@@ -109,7 +129,7 @@ pub enum Error {
     #[error("GPU {step:?} step failed: {detail}; rollback: {rollback}")]
     Gpu {
         /// The step that failed.
-        step: crate::gpu::GpuStep,
+        step: GpuStep,
         /// What the driver or CRIU said.
         detail: String,
         /// What was undone so the workload keeps running (or why it could not be).
@@ -143,4 +163,25 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { context: context.into(), source }
     }
+}
+
+/// The step of a GPU-aware checkpoint or restore that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuStep {
+    /// Choosing how to handle the GPU state, before anything was changed.
+    Backend,
+    /// Finding a container's GPU processes and describing its GPUs, before anything was changed.
+    Discovery,
+    /// Checking that this node's GPUs can take a checkpoint's GPU state, before anything was restored.
+    Compatibility,
+    /// Locking CUDA work (bounded by the lock timeout).
+    Lock,
+    /// Copying device memory to the host.
+    Checkpoint,
+    /// The CRIU dump or restore between the GPU steps.
+    Criu,
+    /// Copying memory back to the device.
+    Restore,
+    /// Letting CUDA work continue.
+    Unlock,
 }

@@ -1,9 +1,62 @@
-//! Running CRIU and runc as child processes, with an optional deadline.
+//! Running CRIU, runc and `cuda-checkpoint` as child processes: every child the library starts goes
+//! through a [`Spawner`], which tells the embedding process's [`SpawnHook`] (if any) before the child is
+//! spawned and after it was waited for, and can enforce a deadline.
 
+use std::fmt;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Told around every child process the library starts.
+///
+/// A process that reaps children itself (a containerd shim is the child subreaper of its containers)
+/// must not run a blanket `waitpid(-1)` while a tool runs, or it steals the tool's exit status: it
+/// counts [`SpawnHook::enter`] / [`SpawnHook::leave`] pairs and sweeps only when none is open. Calls
+/// nest: an embedder may hold its own span around several library calls.
+pub trait SpawnHook: Send + Sync {
+    /// A child is about to be spawned.
+    fn enter(&self);
+    /// The child started after the matching [`SpawnHook::enter`] has been waited for (or never
+    /// started).
+    fn leave(&self);
+}
+
+/// How the library starts children: plainly, or inside a [`SpawnHook`]'s span.
+#[derive(Clone, Default)]
+pub struct Spawner {
+    hook: Option<Arc<dyn SpawnHook>>,
+}
+
+impl fmt::Debug for Spawner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spawner").field("hooked", &self.hook.is_some()).finish()
+    }
+}
+
+impl PartialEq for Spawner {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.hook, &other.hook) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Spawner {}
+
+/// Closes a hook's span when dropped.
+pub(crate) struct Span<'a>(Option<&'a dyn SpawnHook>);
+
+impl Drop for Span<'_> {
+    fn drop(&mut self) {
+        if let Some(hook) = self.0 {
+            hook.leave();
+        }
+    }
+}
 
 /// How a failed run ended, for error messages.
 #[derive(Debug)]
@@ -16,80 +69,146 @@ pub(crate) struct Failure {
     pub timed_out: bool,
 }
 
-/// Runs `cmd` to completion, killing it after `timeout`. Stdout is discarded; stderr is captured unless
-/// the caller set it (then `capture_stderr` is false and the caller's stdio is left alone).
-///
-/// With a deadline the command runs in a process group of its own, and the whole group is killed when
-/// the deadline passes: runc's CRIU child must not finish a dump (and kill the workload) after the
-/// caller gave up on it.
-pub(crate) fn run(mut cmd: Command, timeout: Option<Duration>, capture_stderr: bool) -> Result<(), Failure> {
-    tracing::debug!(?cmd, ?timeout, "running");
-    if capture_stderr {
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+impl Spawner {
+    /// Children are started inside `hook`'s spans.
+    pub fn hooked(hook: Arc<dyn SpawnHook>) -> Self {
+        Spawner { hook: Some(hook) }
     }
-    if timeout.is_some() {
-        cmd.process_group(0);
-    }
-    let mut child = cmd.spawn().map_err(|e| Failure {
-        status: format!("could not start {:?}", cmd.get_program()),
-        stderr: e.to_string(),
-        timed_out: false,
-    })?;
-    let reader = child.stderr.take().map(|mut err| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        })
-    });
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut timed_out = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Ok(status),
-            Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                timed_out = true;
-                let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
-                let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
-                let _ = child.kill();
-                break child.wait();
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => break Err(e),
+
+    /// Opens a span of the hook; it closes when the returned value is dropped.
+    pub(crate) fn span(&self) -> Span<'_> {
+        let hook = self.hook.as_deref();
+        if let Some(hook) = hook {
+            hook.enter();
         }
-    };
-    let stderr = reader.and_then(|r| r.join().ok()).unwrap_or_default().trim().to_string();
-    match status {
-        Ok(s) if s.success() && !timed_out => Ok(()),
-        Ok(_) if timed_out => Err(Failure {
-            status: format!("did not finish within {:?} and was killed", timeout.unwrap_or_default()),
-            stderr,
-            timed_out,
-        }),
-        Ok(s) => Err(Failure { status: s.to_string(), stderr, timed_out }),
-        Err(e) => Err(Failure { status: format!("could not be waited for: {e}"), stderr, timed_out }),
+        Span(hook)
+    }
+
+    /// `cmd.output()` inside a span (stdin from `/dev/null` unless the caller set it).
+    pub(crate) fn output(&self, cmd: &mut Command) -> std::io::Result<Output> {
+        tracing::debug!(?cmd, "running");
+        let _span = self.span();
+        cmd.output()
+    }
+
+    /// Runs `cmd` to completion inside a span, killing it after `timeout`. Stdout is discarded;
+    /// stderr is captured unless the caller set it (then `capture_stderr` is false and the caller's
+    /// stdio is left alone).
+    ///
+    /// With a deadline the command runs in a process group of its own, and the whole group is killed
+    /// when the deadline passes: runc's CRIU child must not finish a dump (and kill the workload) after
+    /// the caller gave up on it.
+    pub(crate) fn run(&self, mut cmd: Command, timeout: Option<Duration>, capture_stderr: bool) -> Result<(), Failure> {
+        tracing::debug!(?cmd, ?timeout, "running");
+        if capture_stderr {
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        }
+        if timeout.is_some() {
+            cmd.process_group(0);
+        }
+        let _span = self.span();
+        let mut child = cmd.spawn().map_err(|e| Failure {
+            status: format!("could not start {:?}", cmd.get_program()),
+            stderr: e.to_string(),
+            timed_out: false,
+        })?;
+        // Our copies of the child's stdio must be closed now, or pipes it shares never see EOF.
+        drop(cmd);
+        let reader = child.stderr.take().map(|mut err| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = err.read_to_string(&mut text);
+                text
+            })
+        });
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut timed_out = false;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    timed_out = true;
+                    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+                    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.kill();
+                    break child.wait();
+                }
+                Ok(None) if deadline.is_none() => break child.wait(),
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => break Err(e),
+            }
+        };
+        let stderr = reader.and_then(|r| r.join().ok()).unwrap_or_default().trim().to_string();
+        match status {
+            Ok(s) if s.success() && !timed_out => Ok(()),
+            Ok(_) if timed_out => Err(Failure {
+                status: format!("did not finish within {:?} and was killed", timeout.unwrap_or_default()),
+                stderr,
+                timed_out,
+            }),
+            Ok(s) => Err(Failure { status: s.to_string(), stderr, timed_out }),
+            Err(e) => Err(Failure { status: format!("could not be waited for: {e}"), stderr, timed_out }),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicI32, Ordering};
 
     #[test]
     fn reports_exit_status_stderr_and_timeouts() {
+        let spawner = Spawner::default();
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo oops >&2; exit 3"]);
-        let f = run(cmd, None, true).unwrap_err();
-        assert!(f.status.contains('3') && f.stderr == "oops" && !f.timed_out, "{f:?}");
+        let f = spawner.run(cmd, None, true).unwrap_err();
+        assert_eq!((f.status.as_str(), f.stderr.as_str(), f.timed_out), ("exit status: 3", "oops", false));
 
         let mut cmd = Command::new("sleep");
         cmd.arg("10");
         let started = Instant::now();
-        let f = run(cmd, Some(Duration::from_millis(100)), true).unwrap_err();
+        let f = spawner.run(cmd, Some(Duration::from_millis(100)), true).unwrap_err();
         assert!(f.timed_out && f.status.contains("was killed") && started.elapsed() < Duration::from_secs(5));
 
         let mut cmd = Command::new("true");
         cmd.arg("x");
-        run(cmd, Some(Duration::from_secs(5)), true).unwrap();
+        spawner.run(cmd, Some(Duration::from_secs(5)), true).unwrap();
+    }
+
+    /// Counts open spans, and records the deepest nesting seen while a child ran.
+    #[derive(Default)]
+    struct Counting {
+        open: AtomicI32,
+        max: AtomicI32,
+    }
+
+    impl SpawnHook for Counting {
+        fn enter(&self) {
+            let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max.fetch_max(now, Ordering::SeqCst);
+        }
+        fn leave(&self) {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_child_runs_inside_a_span_of_the_hook() {
+        let hook = Arc::new(Counting::default());
+        let spawner = Spawner::hooked(Arc::clone(&hook) as Arc<dyn SpawnHook>);
+        spawner.run(Command::new("true"), None, true).unwrap();
+        assert_eq!(spawner.output(&mut Command::new("true")).unwrap().status.code(), Some(0));
+        // a child that cannot start still closes its span
+        assert!(spawner.run(Command::new("/nonexistent/tool"), None, true).is_err());
+        assert_eq!(hook.open.load(Ordering::SeqCst), 0);
+        assert_eq!(hook.max.load(Ordering::SeqCst), 1);
+        {
+            let _outer = spawner.span();
+            spawner.run(Command::new("true"), None, true).unwrap();
+        }
+        assert_eq!((hook.open.load(Ordering::SeqCst), hook.max.load(Ordering::SeqCst)), (0, 2));
+        assert_eq!(spawner, spawner.clone());
+        assert_ne!(spawner, Spawner::default());
     }
 }

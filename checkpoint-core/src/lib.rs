@@ -3,6 +3,15 @@
 //! Checkpoint and restore of live workloads for Kybernate: CRIU for process trees, runc for containers,
 //! the CUDA checkpoint API for GPU state, and the self-describing checkpoint bundle.
 //!
+//! Modules, from the bottom up (no module imports one above it):
+//! - [`bundle`]: the bundle format (layout, manifest, seal, verify) — no tools; [`reference`]: where a
+//!   bundle is (node directory, filesystem store, S3);
+//! - [`criu`] and [`runc`]: the two tools, each with one client ([`Criu`], [`Runc`]) that spawns through
+//!   the embedder's [`SpawnHook`];
+//! - [`gpu`]: the CUDA checkpoint API, GPU discovery and compatibility, no containers;
+//! - [`process`]: checkpoint/restore of a process tree with CRIU;
+//! - [`container`]: a runc container and its bundle in both directions, GPU steps included.
+//!
 //! The library knows nothing about containerd, Kubernetes or object stores: it takes typed options and
 //! paths. Every operation either succeeds and reports timings and sizes, or fails with an error that
 //! names the object and the fix while the workload keeps running.
@@ -21,6 +30,7 @@
 //! ```
 
 pub mod bundle;
+pub mod container;
 pub mod criu;
 mod error;
 mod exec;
@@ -28,16 +38,19 @@ mod fsutil;
 pub mod gpu;
 mod options;
 pub mod process;
+pub mod reference;
 mod report;
 pub mod rootfs;
 pub mod runc;
 
+pub use container::{
+    check_host, checkpoint_container_bundle, open_container_bundle, restore_container_bundle, BundleReport, ConfigDump,
+    ContainerCheckpoint, OpenOptions, RestorableBundle, RestoreTarget,
+};
 pub use criu::{Criu, CriuInfo, CriuVersion, Feature};
-pub use error::{Error, Result, ToolFailure};
+pub use error::{Error, GpuStep, Result, ToolFailure};
+pub use exec::{SpawnHook, Spawner};
 pub use options::{CgroupsMode, CheckpointOptions, CriuFlags, EmptyNamespace, RestoreOptions, DEFAULT_RESTORE_TIMEOUT};
 pub use process::{checkpoint_process, restore_process};
 pub use report::{CheckpointReport, CheckpointTimings, RestoreReport, RestoreTimings};
-pub use runc::{
-    check_host, checkpoint_container, checkpoint_container_bundle, open_bundle, restore_container, BundleReport,
-    ConfigDump, ContainerCheckpoint, ContainerRestore, OpenedBundle, RestoreIo, Runc,
-};
+pub use runc::{checkpoint_container, restore_container, ChildStdio, ContainerRestore, Runc, SpawnOpts};

@@ -6,10 +6,12 @@ pub mod stats;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::exec::{SpawnHook, Spawner};
 
 /// The oldest CRIU Kybernate supports (CRIU 3.x fails on recent kernels and lacks the CUDA hooks).
 pub const MIN_CRIU_VERSION: CriuVersion = CriuVersion { major: 4, minor: 0, patch: 0 };
@@ -85,10 +87,11 @@ pub struct CriuInfo {
     pub pre_dump_supported: bool,
 }
 
-/// Handle on a CRIU binary.
+/// Handle on a CRIU binary, and how its runs are spawned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Criu {
     binary: PathBuf,
+    spawner: Spawner,
 }
 
 impl Default for Criu {
@@ -100,7 +103,18 @@ impl Default for Criu {
 impl Criu {
     /// Uses the CRIU binary at `binary`.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
-        Criu { binary: binary.into() }
+        Criu { binary: binary.into(), spawner: Spawner::default() }
+    }
+
+    /// The same CRIU, with every run inside a span of `hook` (see [`SpawnHook`]).
+    pub fn with_spawn_hook(mut self, hook: Arc<dyn SpawnHook>) -> Self {
+        self.spawner = Spawner::hooked(hook);
+        self
+    }
+
+    /// How this CRIU's runs are spawned.
+    pub(crate) fn spawner(&self) -> &Spawner {
+        &self.spawner
     }
 
     /// Uses `criu` as found on `PATH` (or the bare name, which then fails with a clear error).
@@ -118,7 +132,7 @@ impl Criu {
     }
 
     fn output(&self, args: &[&str]) -> Result<std::process::Output> {
-        self.command().args(args).output().map_err(|source| Error::CriuMissing {
+        self.spawner.output(self.command().args(args).stdin(std::process::Stdio::null())).map_err(|source| Error::CriuMissing {
             path: self.binary.clone(),
             min_version: MIN_CRIU_VERSION.to_string(),
             source,

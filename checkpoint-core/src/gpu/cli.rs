@@ -1,35 +1,35 @@
 //! NVIDIA's `cuda-checkpoint` utility as a backend, for nodes where it is installed.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::{CudaCheckpointDriver, CudaProcessState, GpuError, GpuPair};
+use crate::exec::Spawner;
 
 /// Drives `cuda-checkpoint --action … --pid …`.
 #[derive(Debug, Clone)]
 pub struct CudaCheckpointCli {
     binary: PathBuf,
+    spawner: Spawner,
 }
 
 impl CudaCheckpointCli {
-    /// Uses the `cuda-checkpoint` binary at `binary`.
-    pub fn new(binary: impl Into<PathBuf>) -> Self {
-        CudaCheckpointCli { binary: binary.into() }
+    /// Uses the `cuda-checkpoint` binary at `binary`, spawned by `spawner`.
+    pub fn new(binary: impl Into<PathBuf>, spawner: Spawner) -> Self {
+        CudaCheckpointCli { binary: binary.into(), spawner }
     }
 
     /// Finds `cuda-checkpoint` on PATH.
-    pub fn from_path() -> Option<Self> {
-        crate::criu::find_on_path("cuda-checkpoint").map(Self::new)
+    pub fn from_path(spawner: Spawner) -> Option<Self> {
+        crate::criu::find_on_path("cuda-checkpoint").map(|binary| Self::new(binary, spawner))
     }
 
     fn run(&self, operation: &'static str, pid: i32, extra: &[String]) -> Result<String, GpuError> {
         let fail = |detail: String| GpuError { backend: "cuda-checkpoint".into(), operation, pid, detail };
-        let out = Command::new(&self.binary)
-            .args(extra)
-            .arg("--pid")
-            .arg(pid.to_string())
-            .output()
+        let out = self
+            .spawner
+            .output(Command::new(&self.binary).args(extra).arg("--pid").arg(pid.to_string()).stdin(Stdio::null()))
             .map_err(|e| fail(format!("cannot run {}: {e}", self.binary.display())))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CudaCheckpointCli, CudaCheckpointDriver, DriverApi};
 use crate::criu::Criu;
+use crate::exec::Spawner;
 
 /// File name of CRIU's CUDA plugin.
 pub const CUDA_PLUGIN: &str = "cuda_plugin.so";
@@ -69,7 +70,7 @@ impl CriuPluginDir {
 
     /// The directory `criu` will use when run by this process, with `libdir` if one is passed.
     pub fn for_criu(criu: &Criu, libdir: Option<&Path>) -> Self {
-        let help = criu.command().arg("--help").output().ok().map(|o| {
+        let help = criu.spawner().output(criu.command().arg("--help")).ok().map(|o| {
             let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
             text.push_str(&String::from_utf8_lossy(&o.stderr));
             text
@@ -177,6 +178,15 @@ pub trait BackendProbe {
 pub struct NodeProbe {
     /// Where CRIU looks for plugins.
     pub plugin_dir: CriuPluginDir,
+    /// How `cuda-checkpoint` is spawned (as CRIU is).
+    pub spawner: Spawner,
+}
+
+impl NodeProbe {
+    /// Probes for `criu`: its plugin directory, and its way of spawning children for `cuda-checkpoint`.
+    pub fn for_criu(criu: &Criu) -> Self {
+        NodeProbe { plugin_dir: CriuPluginDir::for_criu(criu, None), spawner: criu.spawner().clone() }
+    }
 }
 
 impl BackendProbe for NodeProbe {
@@ -185,7 +195,7 @@ impl BackendProbe for NodeProbe {
     }
 
     fn cli(&self) -> Result<Box<dyn CudaCheckpointDriver>, String> {
-        CudaCheckpointCli::from_path()
+        CudaCheckpointCli::from_path(self.spawner.clone())
             .map(|c| Box::new(c) as Box<dyn CudaCheckpointDriver>)
             .ok_or_else(|| "cuda-checkpoint not found on PATH".to_string())
     }

@@ -6,11 +6,12 @@
 //! Around it: the node's GPUs and a container's GPU processes (NVML, or a `/proc` scan without it),
 //! the manifest's GPU section, the compatibility check before a restore with the old → new GPU
 //! mapping, the choice of backend (driver API, `cuda-checkpoint`, CRIU's CUDA plugin, or none), and
-//! the same steps for runc containers ([`GpuContext`], [`GpuRestorePlan`]). See `docs/gpu.md`.
+//! the node's GPU context and restore plan that the container module uses ([`GpuContext`],
+//! [`GpuRestorePlan`]). This module knows nothing of runc. See `docs/gpu.md`.
 
 mod cli;
 mod compat;
-mod container;
+mod context;
 mod criu_plugin;
 mod discovery;
 mod driver_api;
@@ -21,8 +22,9 @@ pub use cli::CudaCheckpointCli;
 pub use compat::{
     check_restore, parse_gpu_uuid, Bytes, GpuAssignment, GpuCompatError, GpuMapping, GpuMatch, GpuMismatch,
 };
-pub(crate) use container::checkpoint_container_gpu;
-pub use container::{GpuContext, GpuRestorePlan};
+pub(crate) use context::ns_pid;
+pub use context::{GpuContext, GpuRestorePlan};
+pub(crate) use orchestrate::{dump_with_backend, gpu_error};
 pub use criu_plugin::{
     select_backend, BackendError, BackendProbe, CriuPluginDir, GpuBackend, GpuBackendChoice, NodeProbe,
     PluginDirSource, CRIU_DEFAULT_PLUGIN_DIR, CRIU_LIBS_DIR_ENV, CUDA_PLUGIN,
@@ -33,9 +35,9 @@ pub use discovery::{
 };
 pub use driver_api::DriverApi;
 pub use nvml::{NvmlInventory, NVML_LIBRARY};
-pub use orchestrate::{
-    checkpoint_gpu_process, checkpoint_with_backend, restore_gpu_process, restore_with_backend, GpuStep,
-};
+pub use orchestrate::{checkpoint_gpu_process, checkpoint_with_backend, restore_gpu_process, restore_with_backend};
+
+pub use crate::error::GpuStep;
 
 use std::time::Duration;
 

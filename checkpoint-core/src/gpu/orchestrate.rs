@@ -6,31 +6,10 @@ use std::time::Duration;
 use super::{CudaCheckpointDriver, CudaProcessState, GpuBackend, GpuMapping, GpuPair};
 use crate::criu::image::image_pids;
 use crate::criu::Criu;
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuStep, Result};
 use crate::options::{CheckpointOptions, RestoreOptions};
 use crate::process::{checkpoint_process, restore_process};
 use crate::report::{CheckpointReport, RestoreReport};
-
-/// The step of a GPU-aware checkpoint or restore that failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GpuStep {
-    /// Choosing how to handle the GPU state, before anything was changed.
-    Backend,
-    /// Finding a container's GPU processes and describing its GPUs, before anything was changed.
-    Discovery,
-    /// Checking that this node's GPUs can take a checkpoint's GPU state, before anything was restored.
-    Compatibility,
-    /// Locking CUDA work (bounded by the lock timeout).
-    Lock,
-    /// Copying device memory to the host.
-    Checkpoint,
-    /// The CRIU dump or restore between the GPU steps.
-    Criu,
-    /// Copying memory back to the device.
-    Restore,
-    /// Letting CUDA work continue.
-    Unlock,
-}
 
 /// Undoes GPU steps in reverse: restores checkpointed processes, unlocks locked ones. Returns what it
 /// did, for the error message.

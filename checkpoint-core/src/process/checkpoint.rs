@@ -6,7 +6,6 @@ use std::time::Instant;
 use crate::criu::image::ImageManifest;
 use crate::criu::{Criu, Feature};
 use crate::error::{Error, Result, ToolFailure};
-use crate::exec;
 use crate::fsutil;
 use crate::options::{CheckpointOptions, CriuFlags};
 use crate::report::CheckpointReport;
@@ -38,7 +37,7 @@ pub fn checkpoint_process(
         let log = work_dir.join("pre-dump.log");
         let mut cmd = dump_command(criu, "pre-dump", pid, &pre_dir, &work_dir, &log, opts);
         cmd.arg("--track-mem");
-        exec::run(cmd, opts.timeout, true).map_err(|f| criu_error("pre-dump", f, pid, &log))?;
+        criu.spawner().run(cmd, opts.timeout, true).map_err(|f| criu_error("pre-dump", f, pid, &log))?;
     }
 
     let log = work_dir.join("dump.log");
@@ -49,7 +48,7 @@ pub fn checkpoint_process(
     if opts.pre_dump {
         cmd.args(["--track-mem", "--prev-images-dir", PRE_DUMP_DIR]);
     }
-    exec::run(cmd, opts.timeout, true).map_err(|f| criu_error("dump", f, pid, &log))?;
+    criu.spawner().run(cmd, opts.timeout, true).map_err(|f| criu_error("dump", f, pid, &log))?;
     ImageManifest::record(image_dir)?.write(image_dir)?;
     let report = CheckpointReport::collect(image_dir, &work_dir, log, started.elapsed(), version)?;
     tracing::info!(pid, image_dir = %image_dir.display(), pages = report.pages_written, total_ms = report.timings.total.as_millis() as u64, "process checkpointed");
@@ -96,7 +95,7 @@ fn dump_command(
     cmd
 }
 
-fn criu_error(action: &'static str, failure: exec::Failure, pid: i32, log: &Path) -> Error {
+fn criu_error(action: &'static str, failure: crate::exec::Failure, pid: i32, log: &Path) -> Error {
     let output = format!("{}\n{}", failure.stderr, fsutil::log_tail(log)).trim().to_string();
     Error::Criu {
         action,

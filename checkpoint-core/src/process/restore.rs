@@ -6,7 +6,6 @@ use std::time::Instant;
 use crate::criu::image::image_pids;
 use crate::criu::Criu;
 use crate::error::{Error, Result, ToolFailure};
-use crate::exec;
 use crate::fsutil;
 use crate::options::RestoreOptions;
 use crate::report::RestoreReport;
@@ -40,7 +39,7 @@ pub fn restore_process(criu: &Criu, image_dir: &Path, opts: &RestoreOptions) -> 
         .args(["--restore-detached", "--restore-sibling", "--pidfile"])
         .arg(&pid_file);
     super::checkpoint::add_criu_flags(&mut cmd, &opts.flags);
-    exec::run(cmd, opts.timeout, true).map_err(|failure| {
+    criu.spawner().run(cmd, opts.timeout, true).map_err(|failure| {
         let workload = if failure.timed_out {
             // CRIU is gone; the tree it was building would linger, so remove it.
             let killed = remove_partial_tree(&pids);

@@ -1,7 +1,7 @@
 //! `runc checkpoint` of a running container.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{ContainerStatus, Runc};
 use crate::criu::image::ImageManifest;
@@ -53,7 +53,10 @@ pub fn checkpoint_container(
         let pre_dir = image_dir.join(crate::process::PRE_DUMP_DIR);
         let mut cmd = checkpoint_command(runc, criu, &pre_dir, &work_dir, opts);
         cmd.arg("--pre-dump").arg(id);
-        exec::run(cmd, opts.timeout, true).map_err(|failure| failed(runc, id, &work_dir, failure, was_paused))?;
+        let offset = runc.log_offset();
+        runc.spawner()
+            .run(cmd, opts.timeout, true)
+            .map_err(|failure| failed(runc, id, &work_dir, failure, offset, was_paused))?;
     }
     let mut cmd = checkpoint_command(runc, criu, image_dir, &work_dir, opts);
     if opts.leave_running {
@@ -63,7 +66,8 @@ pub fn checkpoint_container(
         cmd.args(["--parent-path", crate::process::PRE_DUMP_DIR]);
     }
     cmd.arg(id);
-    exec::run(cmd, opts.timeout, true).map_err(|failure| failed(runc, id, &work_dir, failure, was_paused))?;
+    let offset = runc.log_offset();
+    runc.spawner().run(cmd, opts.timeout, true).map_err(|failure| failed(runc, id, &work_dir, failure, offset, was_paused))?;
     ImageManifest::record(image_dir)?.write(image_dir)?;
     let report =
         CheckpointReport::collect(image_dir, &work_dir, work_dir.join("dump.log"), started.elapsed(), version)?;
@@ -87,22 +91,16 @@ fn checkpoint_command(
 /// The error of a failed dump, after making sure the container runs again: a dump killed at its
 /// deadline leaves the cgroup frozen (runc had no chance to thaw it), so it is resumed here unless it
 /// was paused before the checkpoint.
-fn failed(runc: &Runc, id: &str, work_dir: &Path, failure: exec::Failure, was_paused: bool) -> Error {
+fn failed(runc: &Runc, id: &str, work_dir: &Path, failure: exec::Failure, offset: u64, was_paused: bool) -> Error {
     if failure.timed_out && !was_paused {
         if let Ok(Some(s)) = runc.state(id) {
             if s.status == ContainerStatus::Paused {
-                let mut resume = runc.command(None);
-                resume.args(["resume", id]);
-                if let Err(f) = exec::run(resume, Some(Duration::from_secs(30)), true) {
-                    tracing::warn!(id, status = %f.status, stderr = %f.stderr, "thawing the container after an abandoned dump");
+                if let Err(e) = runc.resume(id) {
+                    tracing::warn!(id, error = %e, "thawing the container after an abandoned dump");
                 }
             }
         }
     }
-    runc_error(runc, id, work_dir, failure)
-}
-
-fn runc_error(runc: &Runc, id: &str, work_dir: &Path, failure: exec::Failure) -> Error {
     let log = work_dir.join("dump.log");
     Error::Runc {
         action: "checkpoint",
@@ -110,7 +108,7 @@ fn runc_error(runc: &Runc, id: &str, work_dir: &Path, failure: exec::Failure) ->
         failure: Box::new(ToolFailure {
             status: failure.status,
             workload: runc.describe(id),
-            output: format!("{}\n{}", failure.stderr, fsutil::log_tail(&log)),
+            output: format!("{}\n{}", runc.message(offset, failure.stderr.as_bytes()), fsutil::log_tail(&log)),
             log,
         }),
     }

@@ -1,13 +1,11 @@
 //! `runc restore --detach` of a container from a checkpoint image.
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{add_runc_flags, Runc};
+use super::{add_runc_flags, ChildStdio, Runc};
 use crate::criu::Criu;
 use crate::error::{Error, Result, ToolFailure};
-use crate::exec;
 use crate::fsutil;
 use crate::options::RestoreOptions;
 use crate::report::RestoreReport;
@@ -31,23 +29,12 @@ pub struct ContainerRestore {
     pub no_pivot: bool,
 }
 
-/// The stdio the restored container's process gets (runc passes its own stdio through).
-#[derive(Debug, Default)]
-pub struct RestoreIo {
-    /// Standard input (`/dev/null` when `None`).
-    pub stdin: Option<Stdio>,
-    /// Standard output (`/dev/null` when `None`).
-    pub stdout: Option<Stdio>,
-    /// Standard error (`/dev/null` when `None`).
-    pub stderr: Option<Stdio>,
-}
-
 /// Restores a container with `runc restore --detach`; returns once it runs.
 ///
 /// The restored init process is re-parented to the nearest subreaper when runc exits, so the caller
 /// should be one (as a containerd shim is). On error, a half-created container is deleted so the id
 /// can be used again, and the error carries runc's message and the tail of CRIU's log.
-pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, io: RestoreIo) -> Result<RestoreReport> {
+pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, stdio: ChildStdio) -> Result<RestoreReport> {
     let started = Instant::now();
     req.options.validate()?;
     criu.version()?;
@@ -70,8 +57,7 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, io: R
     let pid_file = req.pid_file.clone().unwrap_or_else(|| work_dir.join("restore.pid"));
     let _ = std::fs::remove_file(&pid_file);
 
-    let mut cmd = runc.command(Some(criu));
-    cmd.arg("--log").arg(work_dir.join("runc-restore.log"));
+    let mut cmd = runc.command_logging(Some(criu), Some(&work_dir.join("runc-restore.log")));
     cmd.arg("restore")
         .arg("--image-path")
         .arg(&req.image_dir)
@@ -90,20 +76,25 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, io: R
         cmd.arg("--no-pivot");
     }
     cmd.arg(&req.id);
-    cmd.stdin(io.stdin.unwrap_or_else(Stdio::null))
-        .stdout(io.stdout.unwrap_or_else(Stdio::null))
-        .stderr(io.stderr.unwrap_or_else(Stdio::null));
-    exec::run(cmd, req.options.timeout, false).map_err(|failure| {
-        let cleanup = cleanup_failed(runc, &req.id);
+    stdio.apply(&mut cmd);
+    let offset = runc.log_offset();
+    runc.spawner().run(cmd, req.options.timeout, false).map_err(|failure| {
+        let message = match runc.log() {
+            Some(_) => runc.message(offset, &[]),
+            None => {
+                let own = std::fs::read_to_string(work_dir.join("runc-restore.log")).unwrap_or_default();
+                super::last_logged_error(&own)
+            }
+        };
+        let cleanup = runc.remove_failed(&req.id);
         let log = work_dir.join("restore.log");
-        let runc_log = std::fs::read_to_string(work_dir.join("runc-restore.log")).unwrap_or_default();
         Error::Runc {
             action: "restore",
             id: req.id.clone(),
             failure: Box::new(ToolFailure {
                 status: failure.status,
                 workload: format!("was not restored ({cleanup})"),
-                output: format!("{}\n{}", last_lines(&runc_log, 5), fsutil::log_tail(&log)),
+                output: format!("{message}\n{}", fsutil::log_tail(&log)),
                 log,
             }),
         }
@@ -112,26 +103,4 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, io: R
     let report = RestoreReport::collect(pid, &work_dir, work_dir.join("restore.log"), started.elapsed())?;
     tracing::info!(id = %req.id, pid, total_ms = report.timings.total.as_millis() as u64, "container restored");
     Ok(report)
-}
-
-/// Removes what a restore created of container `id` (`runc delete --force`, which kills its
-/// processes), so nothing stays half-restored and the id can be used again; says what it did.
-pub(crate) fn cleanup_failed(runc: &Runc, id: &str) -> String {
-    match runc.state(id) {
-        Ok(None) => "nothing was left behind".into(),
-        Ok(Some(_)) => {
-            let mut delete = runc.command(None);
-            delete.args(["delete", "--force", id]);
-            match exec::run(delete, Some(Duration::from_secs(30)), true) {
-                Ok(()) => "runc delete --force removed it".into(),
-                Err(f) => format!("runc delete --force failed: {} {}", f.status, f.stderr),
-            }
-        }
-        Err(e) => format!("its state is unknown: {e}"),
-    }
-}
-
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -6,7 +6,8 @@
 //! (`make demo` does both).
 //!
 //! The shim and sidecar binaries are expected next to this program
-//! (`cargo build --release -p kybernate-shim -p kybernate-sidecar`).
+//! (`cargo build --release -p kybernate-shim -p kybernate-sidecar`). The private containerd it runs
+//! them on is in `containerd.rs`, next to this file.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use checkpoint_core::bundle;
-use kybernate_tests::{read_counter, wait_for, Containerd, ContainerdOptions, KYBERNATE_RUNTIME, KYBERNATE_SHIM};
+use containerd::{wait_for, Containerd, KYBERNATE_RUNTIME, KYBERNATE_SHIM};
+
+mod containerd;
 
 /// The workload: a shell counter kept in memory, written to a file of its writable layer.
 const COUNTER: &str =
@@ -32,17 +35,14 @@ fn main() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("kybernate-demo-").tempdir_in("/tmp")?;
     let checkpoints = dir.path().join("checkpoints");
     let store = dir.path().join("store");
-    let options = ContainerdOptions {
-        shim_config: format!(
-            "checkpoint_dir = \"{}\"\nrestore_dir = \"{}\"\nsidecar_binary = \"{}\"\n",
-            checkpoints.display(),
-            dir.path().join("restore").display(),
-            sidecar.display()
-        ),
-        ..Default::default()
-    };
+    let shim_settings = format!(
+        "checkpoint_dir = \"{}\"\nrestore_dir = \"{}\"\nsidecar_binary = \"{}\"\n",
+        checkpoints.display(),
+        dir.path().join("restore").display(),
+        sidecar.display()
+    );
     println!("==> starting a private containerd in {} with {KYBERNATE_RUNTIME}", dir.path().display());
-    let c = Containerd::start_with(dir, &shim, &options)?;
+    let c = Containerd::start(dir, &shim, &shim_settings)?;
     let image = c.import_busybox()?;
     let runtime = ["--runtime", KYBERNATE_RUNTIME, "--runtime-config-path", &c.shim_config.display().to_string()]
         .map(str::to_string);
@@ -52,9 +52,8 @@ fn main() -> Result<()> {
     run.extend(runtime.iter().map(String::as_str));
     run.extend([image, "counter", "sh", "-c", COUNTER]);
     c.ctr_ok(&run)?;
-    let seen = wait_for("the counter to pass 20", Duration::from_secs(30), || {
-        read_counter(&c.bundle("counter")).filter(|v| *v > 20)
-    })?;
+    let seen =
+        wait_for("the counter to pass 20", Duration::from_secs(30), || c.counter("counter").filter(|v| *v > 20))?;
     println!("    counter is at {seen} and counting");
 
     println!("==> ctr tasks kill counter (SIGTERM): the shim checkpoints it before it exits");
@@ -62,10 +61,10 @@ fn main() -> Result<()> {
     c.ctr_ok(&["tasks", "kill", "counter"])?;
     c.wait_task_status("counter", "STOPPED", Duration::from_secs(60))?;
     let stop_time = started.elapsed();
-    let last = read_counter(&c.bundle("counter")).context("reading the last counter value")?;
-    let rm = c.ctr_run(&["tasks", "rm", "counter"], Duration::from_secs(60))?;
+    let last = c.counter("counter").context("reading the last counter value")?;
+    let rm = c.ctr(&["tasks", "rm", "counter"])?;
     c.ctr_ok(&["containers", "rm", "counter"])?;
-    println!("    stopped at counter {last} in {stop_time:.2?} ({})", rm.stderr.trim());
+    println!("    stopped at counter {last} in {stop_time:.2?} ({})", String::from_utf8_lossy(&rm.stderr).trim());
 
     let bundle_dir = find_bundle(&checkpoints)?;
     let manifest = bundle::verify(&bundle_dir)?;
@@ -117,15 +116,15 @@ fn main() -> Result<()> {
     c.ctr_ok(&run)?;
     let restore_time = started.elapsed();
     let first = wait_for("the restored counter to advance", Duration::from_secs(30), || {
-        read_counter(&c.bundle("resumed")).filter(|v| *v > last)
+        c.counter("resumed").filter(|v| *v > last)
     })?;
     std::thread::sleep(Duration::from_secs(1));
-    let later = read_counter(&c.bundle("resumed")).unwrap_or(first);
+    let later = c.counter("resumed").unwrap_or(first);
     println!("    fetched, verified and restored in {restore_time:.2?}: counter went on from {last} to {first}, then {later}");
     if first <= last || later <= first {
         bail!("the counter did not resume: last {last}, then {first}, {later}");
     }
-    c.ctr_run(&["tasks", "kill", "-s", "SIGKILL", "resumed"], Duration::from_secs(30))?;
+    c.ctr(&["tasks", "kill", "-s", "SIGKILL", "resumed"])?;
     c.wait_task_status("resumed", "STOPPED", Duration::from_secs(30))?;
     c.ctr_ok(&["tasks", "rm", "resumed"])?;
     c.ctr_ok(&["containers", "rm", "resumed"])?;

@@ -1,0 +1,182 @@
+//! Restore of a runc container from a bundle: open and verify it and check this node before anything
+//! is created ([`open_container_bundle`]), re-apply its writable layer onto the new rootfs, then
+//! `runc restore` and the GPU state ([`restore_container_bundle`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::bundle::{self, BundleLayout, Manifest, MANIFEST_FILE};
+use crate::criu::Criu;
+use crate::error::{Error, GpuStep, Result};
+use crate::gpu::{gpu_error, GpuContext, GpuMatch, GpuRestorePlan};
+use crate::options::{CriuFlags, RestoreOptions};
+use crate::report::RestoreReport;
+use crate::rootfs;
+use crate::runc::{restore_container, ChildStdio, ContainerRestore, Runc};
+
+/// How [`open_container_bundle`] treats what it opens.
+pub struct OpenOptions<'a> {
+    /// Accept a CRIU image directory without Kybernate's manifest, as another shim writes a containerd
+    /// task checkpoint: it is restored unverified, with a warning, with CRIU's default flags. Bundles
+    /// named by a user (`kybernate.io/restore-from`) are never opened so.
+    pub accept_unsealed: bool,
+    /// This node's GPU context, asked for only when the bundle holds GPU state; its error says why the
+    /// node's GPUs cannot be listed.
+    pub gpu: &'a dyn Fn() -> std::result::Result<Arc<GpuContext>, String>,
+    /// How closely this node's GPUs must match the checkpoint's.
+    pub gpu_match: GpuMatch,
+}
+
+/// A bundle that was verified and checked against this node, ready to be restored.
+#[derive(Debug)]
+pub struct RestorableBundle {
+    /// The bundle directory.
+    pub dir: PathBuf,
+    /// Where its images are.
+    pub layout: BundleLayout,
+    /// Its manifest (every hash verified); `None` for an unsealed image accepted with
+    /// [`OpenOptions::accept_unsealed`].
+    pub manifest: Option<Manifest>,
+    /// The CRIU flags of the dump, which the restore repeats (CRIU's defaults without a manifest).
+    pub flags: CriuFlags,
+    /// The GPU state to restore after the processes, checked against this node's GPUs.
+    pub gpu: Option<GpuRestorePlan>,
+}
+
+impl RestorableBundle {
+    /// The CRIU images.
+    pub fn image_dir(&self) -> PathBuf {
+        self.layout.image_dir(&self.dir)
+    }
+
+    /// Re-applies the bundle's writable layer (`rootfs-diff.tar`, `deleted.files`) onto the new
+    /// container's rootfs, which must not be running yet; `false` when the bundle carries none.
+    pub fn apply_writable_layer(&self, rootfs: &Path) -> Result<bool> {
+        if !rootfs::has_rootfs_diff(&self.dir) {
+            return Ok(false);
+        }
+        rootfs::apply_rootfs_diff(&self.dir, rootfs)?;
+        Ok(true)
+    }
+}
+
+/// Opens the bundle `dir` for a restore on this node: sealed with every hash matching (or an unsealed
+/// image, when `opts` accepts one), taken on a compatible node ([`check_host`]), and, when it holds
+/// GPU state, restorable onto this node's GPUs by a backend this node has. Changes nothing.
+pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) -> Result<RestorableBundle> {
+    let refuse = |reason: String| Error::Bundle { path: dir.to_path_buf(), reason };
+    if !dir.is_dir() {
+        return Err(refuse("the directory does not exist".into()));
+    }
+    let manifest = if opts.accept_unsealed && !dir.join(MANIFEST_FILE).exists() {
+        tracing::warn!(image = %dir.display(), "checkpoint has no Kybernate manifest; restoring it unverified");
+        None
+    } else {
+        let manifest = bundle::verify(dir)?;
+        check_host(dir, &manifest, criu)?;
+        Some(manifest)
+    };
+    let layout = BundleLayout::detect(dir).ok_or_else(|| {
+        refuse(format!(
+            "{} is missing: this is not a CRIU checkpoint image (neither {}/ nor the directory itself holds one)",
+            bundle::INVENTORY_IMAGE,
+            bundle::CHECKPOINT_DIR
+        ))
+    })?;
+    let gpu = match manifest.as_ref().and_then(|m| m.gpu.as_ref()) {
+        None => None,
+        Some(section) => {
+            let context = (opts.gpu)().map_err(|e| {
+                gpu_error(
+                    GpuStep::Compatibility,
+                    format!("bundle {} holds GPU state, but this node's GPUs cannot be listed: {e}", dir.display()),
+                    "nothing was restored".into(),
+                )
+            })?;
+            Some(GpuRestorePlan::check(section, context, opts.gpu_match)?)
+        }
+    };
+    // Images of other shims carry no flags: CRIU's defaults, as runc's restore assumes.
+    let flags = manifest.as_ref().and_then(|m| m.criu_flags.clone()).unwrap_or_default();
+    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu })
+}
+
+/// Checks that the checkpoint of `manifest` (in `dir`) can be restored here: same CPU architecture,
+/// and this node's CRIU (its version is read) at least as new as the one that wrote it.
+pub fn check_host(dir: &Path, manifest: &Manifest, criu: &Criu) -> Result<()> {
+    let refuse = |reason: String| Error::Bundle { path: dir.to_path_buf(), reason };
+    let arch = std::env::consts::ARCH;
+    if manifest.host.arch != arch {
+        return Err(refuse(format!("it was taken on {} and cannot be restored on {arch}", manifest.host.arch)));
+    }
+    let ours = criu.version()?;
+    let mut parts = manifest.host.criu_version.split('.').map(|p| p.trim().parse::<u32>());
+    if let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) {
+        if (ours.major, ours.minor) < (major, minor) {
+            return Err(refuse(format!(
+                "it was written by CRIU {} but this node has CRIU {ours}: install CRIU >= {major}.{minor}",
+                manifest.host.criu_version
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The container a bundle is restored into.
+#[derive(Debug, Clone)]
+pub struct RestoreTarget {
+    /// Id the restored container gets (need not be the checkpointed one's).
+    pub id: String,
+    /// OCI bundle (config.json and rootfs) of the new container.
+    pub bundle: PathBuf,
+    /// CRIU's work directory (its logs); the image directory when `None`.
+    pub work_dir: Option<PathBuf>,
+    /// How long `runc restore` may take.
+    pub timeout: Option<Duration>,
+    /// Where runc writes the pid of the restored init process (a file in the work dir by default).
+    pub pid_file: Option<PathBuf>,
+    /// Socket that receives the pty master, for containers with a terminal.
+    pub console_socket: Option<PathBuf>,
+    /// Do not use pivot_root (rootfs on a ramdisk).
+    pub no_pivot: bool,
+}
+
+/// Restores `bundle` (opened with [`open_container_bundle`], its writable layer applied) into
+/// `target`: `runc restore --detach` with the dump's CRIU flags and the given stdio, then — when the
+/// bundle holds GPU state — the GPU restore and unlock of each GPU process (see
+/// [`GpuRestorePlan::restore`]). Returns once the container runs.
+///
+/// On failure nothing is left running: a half-restored container is deleted (runc's, or ours when the
+/// GPU state could not be restored), and the bundle is untouched for another try.
+pub fn restore_container_bundle(
+    runc: &Runc,
+    criu: &Criu,
+    bundle: &RestorableBundle,
+    target: &RestoreTarget,
+    stdio: ChildStdio,
+) -> Result<RestoreReport> {
+    let req = ContainerRestore {
+        id: target.id.clone(),
+        bundle: target.bundle.clone(),
+        image_dir: bundle.image_dir(),
+        options: RestoreOptions { work_dir: target.work_dir.clone(), timeout: target.timeout, flags: bundle.flags.clone() },
+        pid_file: target.pid_file.clone(),
+        console_socket: target.console_socket.clone(),
+        no_pivot: target.no_pivot,
+    };
+    let report = restore_container(runc, criu, &req, stdio)?;
+    if let Some(gpu) = &bundle.gpu {
+        let id = req.id.as_str();
+        let take_down = || {
+            format!(
+                "the restored container {id} was taken down ({}); the checkpoint in {} is untouched for another try",
+                runc.remove_failed(id),
+                req.image_dir.display()
+            )
+        };
+        let pids = runc.ps(id).map_err(|e| gpu_error(GpuStep::Restore, e.to_string(), take_down()))?;
+        gpu.restore(id, &pids, &take_down)?;
+    }
+    Ok(report)
+}
