@@ -19,10 +19,11 @@ demo: deps
 	$(CARGO) build --release -p kybernate-examples -p kybernate-shim -p kybernate-sidecar
 	./target/release/stop-and-resume
 
-## lint: formatting and clippy, warnings are errors
+## lint: formatting, clippy (warnings are errors), and no modules importing each other in a circle
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 scripts/module-cycles.py checkpoint-core/src shim/src sidecar/src device-plugin/src tests/src
 
 ## test: lint, then every unit and end-to-end test against real CRIU, runc and containerd
 test: deps lint

@@ -110,7 +110,9 @@ pub enum Error {
         hint: String,
     },
     /// A bundle reference does not parse.
-    #[error("{reference:?} is not a bundle reference: {reason}; use an absolute path, file:///path or s3://bucket/key")]
+    #[error(
+        "{reference:?} is not a bundle reference: {reason}; use an absolute path, file:///path or s3://bucket/key"
+    )]
     Reference {
         /// The reference as given.
         reference: String,

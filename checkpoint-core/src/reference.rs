@@ -58,7 +58,9 @@ impl BundleRef {
             return Ok(BundleRef::LocalDir(path.to_path_buf()));
         }
         match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-            (Some(store), Some(name)) => Ok(BundleRef::FsArchive { store: store.to_path_buf(), name: name.to_string() }),
+            (Some(store), Some(name)) => {
+                Ok(BundleRef::FsArchive { store: store.to_path_buf(), name: name.to_string() })
+            }
             _ => Err(bad("it names no archive file".into())),
         }
     }

@@ -19,6 +19,8 @@ pub const DEFAULT_RESOURCE_NAME: &str = "kybernate.io/gpu-seat";
 pub const DEFAULT_SOCKET_NAME: &str = "kybernate-gpu-seat.sock";
 /// Default address of the Prometheus metrics endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9405";
+/// Separates the GPU UUID from the seat number in a device id (so no GPU UUID may contain it).
+pub const SEAT_SEPARATOR: &str = "::seat-";
 /// Upper bound for the number of seats one GPU may be split into.
 pub const MAX_SEATS_PER_GPU: u32 = 1024;
 /// XIDs that NVIDIA documents as caused by the application, not the GPU; they do not make a GPU
@@ -304,7 +306,7 @@ impl Config {
             }
         }
         for (uuid, seats) in &self.seats.per_gpu {
-            if uuid.is_empty() || uuid.contains(crate::seats::SEAT_SEPARATOR) || uuid.contains(',') {
+            if uuid.is_empty() || uuid.contains(SEAT_SEPARATOR) || uuid.contains(',') {
                 return Err(ConfigError::invalid(
                     "seats.per_gpu (--gpu-seats)",
                     format!("{uuid:?}"),

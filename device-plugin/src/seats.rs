@@ -10,11 +10,10 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+pub use crate::config::SEAT_SEPARATOR;
 use crate::config::{MultiSeatPolicy, SeatsConfig, MAX_SEATS_PER_GPU};
 use crate::inventory::{GpuInfo, Health};
 
-/// Separates the GPU UUID from the seat number in a device id.
-pub const SEAT_SEPARATOR: &str = "::seat-";
 /// Env var with the comma-separated UUIDs of the GPUs a container may use.
 pub const ENV_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
 /// Env var with the number of seats per visible GPU, in the order of `NVIDIA_VISIBLE_DEVICES`.

@@ -3,8 +3,8 @@
 //! `container_annotations` allow-lists name `kybernate.io/*`; `ctr run --annotation` sets them too).
 
 use crate::config::ShimConfig;
-use crate::container::SpecInfo;
 use crate::error::{Result, ShimError};
+use crate::spec::SpecInfo;
 
 /// `"true"`: checkpoint the container when it is stopped; `"false"`: never (overrides the config).
 pub const CHECKPOINT_ON_STOP: &str = "kybernate.io/checkpoint-on-stop";

@@ -27,7 +27,7 @@ use std::time::Duration;
 use checkpoint_core::gpu::GpuBackendChoice;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message as _;
-use containerd_shim::protos::shim::oci::{CheckpointOptions as RuncCheckpointOptions, Options as RuncOptions};
+use containerd_shim::protos::shim::oci::Options as RuncOptions;
 use serde::Deserialize;
 
 use crate::error::{Result, ShimError};
@@ -252,23 +252,8 @@ impl RuntimeOptions {
 }
 
 /// The message name of a type URL (`type.googleapis.com/a.b.C` and `a.b.C` both give `a.b.C`).
-fn type_name(type_url: &str) -> &str {
+pub fn type_name(type_url: &str) -> &str {
     type_url.rsplit('/').next().unwrap_or(type_url)
-}
-
-/// Decodes the options of a CheckpointTaskRequest. Absent options mean containerd's defaults for a
-/// runtime it does not know (`ctr t checkpoint` sends none to us): leave the task running.
-pub fn decode_checkpoint_options(any: Option<&Any>) -> Result<RuncCheckpointOptions> {
-    let Some(any) = any.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
-        return Ok(RuncCheckpointOptions::default());
-    };
-    match type_name(&any.type_url) {
-        "containerd.runc.v1.CheckpointOptions" => RuncCheckpointOptions::parse_from_bytes(&any.value)
-            .map_err(|e| ShimError::InvalidArgument(format!("checkpoint options do not decode: {e}"))),
-        other => Err(ShimError::InvalidArgument(format!(
-            "checkpoint options of type {other:?} are not understood: send containerd.runc.v1.CheckpointOptions"
-        ))),
-    }
 }
 
 #[cfg(test)]
@@ -363,16 +348,5 @@ mod tests {
 
         let err = RuntimeOptions::decode(Some(&any("foo.Bar", vec![1]))).unwrap_err();
         assert!(err.to_string().contains("foo.Bar"));
-    }
-
-    #[test]
-    fn checkpoint_options_decode() {
-        let opts = decode_checkpoint_options(None).unwrap();
-        assert!(!opts.exit);
-        let sent = RuncCheckpointOptions { exit: true, file_locks: true, ..Default::default() };
-        let value = sent.write_to_bytes().unwrap();
-        let opts = decode_checkpoint_options(Some(&any("containerd.runc.v1.CheckpointOptions", value))).unwrap();
-        assert!(opts.exit && opts.file_locks);
-        assert!(decode_checkpoint_options(Some(&any("x.Y", vec![]))).is_err());
     }
 }

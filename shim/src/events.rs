@@ -1,44 +1,116 @@
-//! Publishing task events to containerd: one thread forwards them over ttrpc, in the order they were
-//! queued, so `TaskStart` always precedes the `TaskExit` of the same process.
+//! Task events in domain terms, and the [`EventSender`] the container layer sends them through. The
+//! shim's sender ([`crate::publisher::Publisher`]) turns them into containerd's protobuf events and
+//! forwards them over ttrpc; tests send them into a channel.
 
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use containerd_shim::event::Event;
-use containerd_shim::protos::protobuf::MessageDyn;
-use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::Context;
+use crate::io::StdioPaths;
+use crate::mount::MountSpec;
 
-/// An event with its topic, as queued for the forwarding thread.
-type Queued = (String, Box<dyn MessageDyn>);
-
-/// A handle for queueing events; clones share the forwarding thread.
-#[derive(Clone)]
-pub struct Publisher {
-    tx: Arc<Mutex<Sender<Queued>>>,
+/// Something that happened to a task, for containerd (`/tasks/...` topics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskEvent {
+    /// The container was created (`/tasks/create`).
+    Create {
+        /// Container id.
+        container_id: String,
+        /// Its OCI bundle.
+        bundle: String,
+        /// Its rootfs mounts.
+        rootfs: Vec<MountSpec>,
+        /// Stdio of init.
+        stdio: StdioPaths,
+        /// The checkpoint it will be restored from (empty for a fresh start).
+        checkpoint: String,
+        /// Pid of init (0 while a restore is pending).
+        pid: u32,
+    },
+    /// Init started or was restored (`/tasks/start`).
+    Start {
+        /// Container id.
+        container_id: String,
+        /// Its pid.
+        pid: u32,
+    },
+    /// A process exited (`/tasks/exit`).
+    Exit {
+        /// Container id.
+        container_id: String,
+        /// The container id for init, else the exec id.
+        id: String,
+        /// Its pid.
+        pid: u32,
+        /// Exit status.
+        status: u32,
+        /// When.
+        at: SystemTime,
+    },
+    /// The container was deleted (`/tasks/delete`).
+    Delete {
+        /// Container id.
+        container_id: String,
+        /// Pid of init.
+        pid: u32,
+        /// Its exit status.
+        status: u32,
+        /// When it exited.
+        at: SystemTime,
+    },
+    /// A process was registered for exec (`/tasks/exec-added`).
+    ExecAdded {
+        /// Container id.
+        container_id: String,
+        /// Exec id.
+        exec_id: String,
+    },
+    /// An exec'd process started (`/tasks/exec-started`).
+    ExecStarted {
+        /// Container id.
+        container_id: String,
+        /// Exec id.
+        exec_id: String,
+        /// Its pid.
+        pid: u32,
+    },
+    /// The container was frozen (`/tasks/paused`).
+    Paused {
+        /// Container id.
+        container_id: String,
+    },
+    /// The container was thawed (`/tasks/resumed`).
+    Resumed {
+        /// Container id.
+        container_id: String,
+    },
+    /// A checkpoint was written (`/tasks/checkpointed`).
+    Checkpointed {
+        /// Container id.
+        container_id: String,
+        /// Where.
+        checkpoint: String,
+    },
+    /// The container's memory cgroup hit its limit (`/tasks/oom`).
+    Oom {
+        /// Container id.
+        container_id: String,
+    },
 }
 
-impl Publisher {
-    /// Starts the forwarding thread for events of containerd namespace `namespace`.
-    pub fn start(remote: RemotePublisher, namespace: String) -> std::io::Result<Publisher> {
-        let (tx, rx) = channel::<Queued>();
-        std::thread::Builder::new().name("events".into()).stack_size(256 * 1024).spawn(move || {
-            for (topic, event) in rx {
-                if let Err(e) = remote.publish(Context::default(), &topic, &namespace, event) {
-                    tracing::warn!(topic, error = %e, "publishing an event to containerd failed");
-                }
-            }
-        })?;
-        Ok(Publisher { tx: Arc::new(Mutex::new(tx)) })
-    }
+/// Where task events go, in the order they are sent (so `Start` precedes the `Exit` of the same
+/// process).
+pub trait EventSender: Send + Sync {
+    /// Queues `event`; never blocks on containerd.
+    fn send(&self, event: TaskEvent);
+}
 
-    /// Queues `event` for containerd.
-    pub fn publish<E: Event + 'static>(&self, event: E) {
-        let topic = event.topic();
-        tracing::debug!(topic, "event");
-        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send((topic.clone(), Box::new(event)));
-        if sent.is_err() {
-            tracing::warn!(topic, "the event forwarder has stopped; event dropped");
-        }
+/// A shared handle on the shim's event sender.
+pub type Events = Arc<dyn EventSender>;
+
+/// Events into a channel, for tests and in-process consumers.
+impl EventSender for Mutex<Sender<TaskEvent>> {
+    fn send(&self, event: TaskEvent) {
+        let _ = self.lock().unwrap_or_else(|p| p.into_inner()).send(event);
     }
 }

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkpoint_core::gpu::{
-    select_backend, CriuPluginDir, GpuBackend, GpuContext, InventoryError, NodeProbe, NvmlInventory,
-};
+use checkpoint_core::gpu::{select_backend, GpuBackend, GpuContext, InventoryError, NodeProbe, NvmlInventory};
 use checkpoint_core::Criu;
 
 use crate::config::ShimConfig;
@@ -15,14 +13,14 @@ use crate::config::ShimConfig;
 /// `lock_timeout`; an error when NVML cannot be loaded, i.e. this node has no GPU. A backend chosen
 /// in the configuration that this node cannot use becomes [`GpuBackend::Off`] with the reason, so
 /// containers that use a GPU are refused with it (never checkpointed without their GPU state) while
-/// the others are checkpointed as usual. Runs `criu --help`: call it under a reaper guard.
+/// the others are checkpointed as usual. Runs `criu --help` (inside the reaper's span, as CRIU's runs are).
 pub fn node_context(
     config: &ShimConfig,
     criu: &Criu,
     lock_timeout: Duration,
 ) -> Result<Arc<GpuContext>, InventoryError> {
     let inventory = NvmlInventory::open(None)?;
-    let probe = NodeProbe { plugin_dir: CriuPluginDir::for_criu(criu, None) };
+    let probe = NodeProbe::for_criu(criu);
     let backend = select_backend(config.gpu_backend(), &probe).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "containers that use a GPU cannot be checkpointed or restored on this node");
         GpuBackend::Off { reason: e.to_string() }

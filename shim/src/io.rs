@@ -31,7 +31,7 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
 use crate::error::{Result, ShimError};
 use crate::reaper::Reaper;
-use crate::runc::ChildStdio;
+use checkpoint_core::ChildStdio;
 
 mod logger;
 

@@ -1,8 +1,15 @@
 //! Mounting the container's root filesystem from the mounts containerd's snapshotter describes
 //! (overlay, bind) into `<bundle>/rootfs`, and unmounting it again.
+//!
+//! Unmounting uses containerd-shim's `umount_recursive`. Mounting does not use its `mount_rootfs`:
+//! that one forks a child per mount and waits for it through containerd-shim's process monitor, which
+//! is fed by containerd-shim's own reaper — and this shim reaps for itself (`reaper.rs`), so the wait
+//! would never return. Here a thread with a working directory of its own (`unshare(CLONE_FS)`) makes
+//! the mount, with the same option table and the same lowerdir compaction for long overlay options.
 
 use std::path::{Path, PathBuf};
 
+use containerd_shim::mount::umount_recursive;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::error::{Result, ShimError};
@@ -188,20 +195,15 @@ pub fn mount_rootfs(mounts: &[MountSpec], target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts everything mounted on `target` (a rootfs the shim mounted); absent mounts are fine.
+/// Unmounts everything mounted on or below `target` (a rootfs the shim mounted) with containerd-shim's
+/// `umount_recursive`; a mount that is still busy is detached instead, so Delete does not fail on it.
+/// Absent mounts are fine.
 pub fn unmount_all(target: &Path) -> Result<()> {
-    for _ in 0..64 {
-        match umount2(target, MntFlags::empty()) {
-            Ok(()) => continue,
-            Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => return Ok(()),
-            Err(nix::Error::EBUSY) => {
-                umount2(target, MntFlags::MNT_DETACH)
-                    .map_err(|e| ShimError::io(format!("unmounting busy rootfs {}", target.display()), e.into()))?;
-            }
-            Err(e) => return Err(ShimError::io(format!("unmounting rootfs {}", target.display()), e.into())),
-        }
-    }
-    Err(ShimError::Internal(format!("{} still has mounts after 64 unmounts", target.display())))
+    let path =
+        target.to_str().ok_or_else(|| ShimError::InvalidArgument(format!("{} is not UTF-8", target.display())))?;
+    umount_recursive(Some(path), 0)
+        .or_else(|_| umount_recursive(Some(path), MntFlags::MNT_DETACH.bits()))
+        .map_err(|e| ShimError::Internal(format!("unmounting rootfs {}: {e}", target.display())))
 }
 
 #[cfg(test)]

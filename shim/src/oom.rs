@@ -1,4 +1,4 @@
-//! OOM notification: one thread per container watches its memory cgroup and publishes `TaskOOM`
+//! OOM notification: one thread per container watches its memory cgroup and sends an `Oom` event
 //! whenever the kernel's OOM killer acts in it. cgroup v1 uses `cgroup.event_control` with an
 //! eventfd; cgroup v2 watches `memory.events` with inotify. The thread ends when the cgroup is removed.
 
@@ -6,12 +6,11 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use containerd_shim::protos::events::task::TaskOOM;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::error::{Result, ShimError};
-use crate::events::Publisher;
+use crate::events::{Events, TaskEvent};
 
 /// A memory cgroup directory and its version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +60,7 @@ fn find_memory_cgroup(cgroups: &str, mountinfo: &str) -> Option<MemoryCgroup> {
 }
 
 /// Starts watching the memory cgroup of `pid` (the init process of container `id`).
-pub fn watch(id: &str, pid: i32, events: Publisher) -> Result<()> {
+pub fn watch(id: &str, pid: i32, events: Events) -> Result<()> {
     let cgroup = memory_cgroup(pid)?;
     let id = id.to_string();
     let spawn = |f: Box<dyn FnOnce() + Send>| {
@@ -92,7 +91,7 @@ pub fn watch(id: &str, pid: i32, events: Publisher) -> Result<()> {
                         break;
                     }
                     tracing::info!(id, "OOM in the container's memory cgroup");
-                    events.publish(TaskOOM { container_id: id.clone(), ..Default::default() });
+                    events.send(TaskEvent::Oom { container_id: id.clone() });
                 }
             }))
         }
@@ -113,7 +112,7 @@ pub fn watch(id: &str, pid: i32, events: Publisher) -> Result<()> {
                     let Some(now) = oom_kills(&file) else { break };
                     if now > seen {
                         tracing::info!(id, "OOM in the container's memory cgroup");
-                        events.publish(TaskOOM { container_id: id.clone(), ..Default::default() });
+                        events.send(TaskEvent::Oom { container_id: id.clone() });
                     }
                     seen = now;
                 }

@@ -4,7 +4,8 @@
 //! Two kinds of children share the process: short-lived tools (runc, CRIU via checkpoint-core) that
 //! their callers wait for with `std::process`, and the long-lived workload processes. A blanket
 //! `waitpid(-1)` would steal the tools' exit statuses, so it runs only while no tool runs: every tool
-//! is started under a [`ChildGuard`]. Workload processes are registered with [`Reaper::watch`] and
+//! checkpoint-core starts runs inside a span of the reaper (it is their [`SpawnHook`]), and the shim
+//! holds a [`ChildGuard`] where a span must outlast one run. Workload processes are registered with [`Reaper::watch`] and
 //! waited for by pid at every `SIGCHLD`, guard or not, so their exits are never delayed.
 
 use std::collections::HashSet;
@@ -12,6 +13,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
+use checkpoint_core::SpawnHook;
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -43,8 +45,20 @@ pub struct ChildGuard<'a> {
 
 impl Drop for ChildGuard<'_> {
     fn drop(&mut self) {
-        self.reaper.lock().tools -= 1;
-        self.reaper.nudge();
+        self.reaper.leave();
+    }
+}
+
+/// checkpoint-core spawns runc, CRIU and `cuda-checkpoint` inside these spans, so every tool run
+/// holds back the blanket sweep without the shim wrapping each call.
+impl SpawnHook for Reaper {
+    fn enter(&self) {
+        self.lock().tools += 1;
+    }
+
+    fn leave(&self) {
+        self.lock().tools -= 1;
+        self.nudge();
     }
 }
 
@@ -97,9 +111,10 @@ impl Reaper {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Marks the start of a tool run; drop the guard once the tool has been waited for.
+    /// Holds back the blanket sweep until the guard is dropped: for spans longer than one tool run,
+    /// such as `runc create` until the new init process is [watched](Reaper::watch).
     pub fn guard(&self) -> ChildGuard<'_> {
-        self.lock().tools += 1;
+        self.enter();
         ChildGuard { reaper: self }
     }
 

@@ -52,10 +52,11 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// A bundle reference (`restore-from` value, CLI argument) could not be understood.
+    /// A bundle reference (`restore-from` value, CLI argument) could not be understood or names
+    /// nothing to fetch.
     #[error(
         "invalid bundle reference `{reference}`: {reason} \
-         (use a local path, file:///path/to/archive or s3://bucket/key)"
+         (use an absolute path to a bundle directory or an archive, file:///path or s3://bucket/key)"
     )]
     InvalidReference {
         /// The reference as given.

@@ -71,15 +71,27 @@ impl Staged {
     /// Checks that the bundle is complete (has `COMPLETE`) and that its manifest verifies (every
     /// file present with its sealed size and sha256, nothing added), makes it durable and renames it
     /// to its destination. `key` names the archive in errors. Returns the destination.
-    pub fn publish(mut self, key: &str) -> Result<PathBuf> {
+    pub fn publish(self, key: &str) -> Result<PathBuf> {
+        self.publish_checked(key, true)
+    }
+
+    /// [`Staged::publish`] without the manifest pass (a second read of every file): for a caller
+    /// that verifies the manifest itself before the bundle is used. `COMPLETE` is still required.
+    pub fn publish_without_manifest_check(self, key: &str) -> Result<PathBuf> {
+        self.publish_checked(key, false)
+    }
+
+    fn publish_checked(mut self, key: &str, manifest: bool) -> Result<PathBuf> {
         if !is_complete(&self.temp) {
             return Err(Error::NotComplete { bundle: self.dest.clone() });
         }
-        checkpoint_core::bundle::verify(&self.temp).map_err(|source| Error::BundleInvalid {
-            key: key.to_string(),
-            dest: self.dest.clone(),
-            source: Box::new(source),
-        })?;
+        if manifest {
+            checkpoint_core::bundle::verify(&self.temp).map_err(|source| Error::BundleInvalid {
+                key: key.to_string(),
+                dest: self.dest.clone(),
+                source: Box::new(source),
+            })?;
+        }
         sync_tree(&self.temp)?;
         if fs::symlink_metadata(&self.dest).is_ok() {
             return Err(Error::DestinationExists { path: self.dest.clone() });

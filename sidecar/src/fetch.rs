@@ -1,5 +1,7 @@
-//! Fetching a bundle for restore: resolve the reference, download (parallel ranged reads, in
-//! order), verify size and sha256 against the object's record, extract safely, check `COMPLETE`,
+//! Fetching a bundle for restore, the library side of `kybernate-sidecar pull`: resolve the
+//! reference (checkpoint-core's [`BundleRef`], the shim's rules), download (parallel ranged reads,
+//! in order), verify size and sha256 against the object's record while streaming, extract safely,
+//! check `COMPLETE`, verify the bundle's manifest (unless [`FetchOptions::skip_manifest_check`]),
 //! publish atomically. Nothing is staged on disk but the extracted files themselves.
 
 use std::collections::VecDeque;
@@ -9,16 +11,17 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use checkpoint_core::bundle::is_complete;
+use checkpoint_core::reference::BundleRef;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::archive::{Compression, Progress};
+use crate::archive::Progress;
 use crate::error::{join_error, Error, Result};
 use crate::extract::{self, ExtractLimits};
 use crate::retry::RetryPolicy;
-use crate::store::{percent_decode, validate_key, ObjectInfo, S3Options, Store, StoreLocation, LABEL_BUNDLE};
+use crate::store::{validate_key, ObjectInfo, S3Options, Store, StoreLocation, LABEL_BUNDLE};
 
 /// Settings for [`fetch_bundle`].
 #[derive(Clone)]
@@ -33,6 +36,12 @@ pub struct FetchOptions {
     pub concurrency: usize,
     /// Told the number of bytes downloaded as they arrive.
     pub progress: Option<Progress>,
+    /// Publish without the bundle's manifest pass (every file's size and sha256, a second read of
+    /// the whole bundle). The archive's transport checksum (its size and sha256 recorded at upload,
+    /// hashed as it streams) and `COMPLETE` are always checked. For a caller that verifies the
+    /// manifest itself before using the bundle, as the shim does before anything reaches CRIU
+    /// (`pull --skip-manifest-check`). Default: false (verify).
+    pub skip_manifest_check: bool,
 }
 
 impl Default for FetchOptions {
@@ -44,90 +53,61 @@ impl Default for FetchOptions {
             s3,
             limits: ExtractLimits::default(),
             progress: None,
+            skip_manifest_check: false,
         }
     }
 }
 
-/// A parsed bundle reference (the value of `kybernate.io/restore-from`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BundleRef {
-    /// A bundle directory already on this node.
-    LocalDir(PathBuf),
-    /// An archive in a store.
-    Object {
-        /// The store holding it.
-        store: StoreLocation,
-        /// Its key in that store.
-        key: String,
-    },
+/// Parses a bundle reference (the value of `kybernate.io/restore-from`, taken as it is) by
+/// checkpoint-core's rules, the shim's: an absolute path or `file:///path` naming a directory is a
+/// bundle on this node (so is one that does not exist), naming a file an archive in a filesystem
+/// store; `s3://bucket/key` an archive in S3.
+pub fn parse_reference(reference: &str) -> Result<BundleRef> {
+    BundleRef::parse(reference).map_err(|e| match e {
+        checkpoint_core::Error::Reference { reference, reason } => invalid(reference, reason),
+        other => invalid(reference, other),
+    })
 }
 
-impl BundleRef {
-    /// Parses a local path, `file://…` URL or `s3://bucket/key`.
-    pub fn parse(reference: &str) -> Result<Self> {
-        let bad =
-            |reason: &str| Error::InvalidReference { reference: reference.to_string(), reason: reason.to_string() };
-        if let Some(rest) = reference.strip_prefix("s3://") {
-            let (bucket, key) =
-                rest.split_once('/').ok_or_else(|| bad("an s3:// reference needs a key after the bucket"))?;
-            if bucket.is_empty() {
-                return Err(bad("the bucket name is missing"));
-            }
-            validate_key(key).map_err(|e| bad(&e.to_string()))?;
-            return Ok(BundleRef::Object {
-                store: StoreLocation::S3 { bucket: bucket.to_string(), prefix: String::new() },
-                key: key.to_string(),
-            });
-        }
-        if reference.contains("://") && !reference.starts_with("file://") {
-            return Err(bad("unsupported scheme"));
-        }
-        let path = reference.strip_prefix("file://").unwrap_or(reference);
-        let path = percent_decode(path).ok_or_else(|| bad("bad %-escape"))?;
-        if path.is_empty() {
-            return Err(bad("empty path"));
-        }
-        let path = std::path::absolute(&path).map_err(|e| bad(&e.to_string()))?;
-        if path.is_dir() {
-            return Ok(BundleRef::LocalDir(path));
-        }
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-            return Err(bad("not a bundle directory or archive file"));
-        };
-        Ok(BundleRef::Object { store: StoreLocation::Fs(dir.to_path_buf()), key: name.to_string() })
+/// Like [`parse_reference`] for a command-line argument: a relative path (no `scheme://`) is made
+/// absolute against the working directory first.
+pub fn parse_cli_reference(arg: &str) -> Result<BundleRef> {
+    if arg.contains("://") || arg.is_empty() || Path::new(arg).is_absolute() {
+        return parse_reference(arg);
+    }
+    let path = std::path::absolute(arg).map_err(|e| Error::io("resolve", arg, e))?;
+    match path.to_str() {
+        Some(path) => parse_reference(path),
+        None => Err(invalid(arg, "the path is not UTF-8")),
     }
 }
 
-/// Fetches the bundle `reference` into `dest_root` and returns the bundle directory.
+/// Fetches the bundle `reference` into `dest_root` and returns the bundle directory: the library
+/// entry of `kybernate-sidecar pull`, which the shim runs as a separate process (so the async
+/// runtime and the S3 client never live in the shim's memory). The binary itself extracts to
+/// exactly its DEST ([`open_reference`] + [`fetch_object`]).
 ///
 /// A local bundle directory is returned as it is once its `COMPLETE` marker is checked. An archive
-/// (`file://…`, a path to an archive, `s3://bucket/key`) is extracted to
+/// (a file in a filesystem store, `s3://bucket/key`) is extracted to
 /// `dest_root/<bundle path recorded at upload>` (e.g. `<ns>/<pod>/<container>/<time>`); if that
 /// directory already holds a complete bundle it is reused.
-pub async fn fetch_bundle(reference: &str, dest_root: &Path, opts: &FetchOptions) -> Result<PathBuf> {
-    match BundleRef::parse(reference)? {
-        BundleRef::LocalDir(dir) => {
-            if is_complete(&dir) {
-                Ok(dir)
-            } else {
-                Err(Error::NotComplete { bundle: dir })
-            }
-        }
-        BundleRef::Object { .. } => {
-            let (store, info) = open_reference(reference, &opts.s3).await?;
-            let dest = dest_root.join(bundle_path(&info)?);
-            if is_complete(&dest) {
-                tracing::info!(bundle = %dest.display(), "bundle already fetched");
-                return Ok(dest);
-            }
-            fetch_object(store, &info, &dest, opts).await
-        }
+pub async fn fetch_bundle(reference: &BundleRef, dest_root: &Path, opts: &FetchOptions) -> Result<PathBuf> {
+    if let BundleRef::LocalDir(dir) = reference {
+        check_exists(reference, dir)?;
+        return if is_complete(dir) { Ok(dir.clone()) } else { Err(Error::NotComplete { bundle: dir.clone() }) };
     }
+    let (store, info) = open_reference(reference, &opts.s3).await?;
+    let dest = dest_root.join(bundle_path(&info)?);
+    if is_complete(&dest) {
+        tracing::info!(bundle = %dest.display(), "bundle already fetched");
+        return Ok(dest);
+    }
+    fetch_object(store, &info, &dest, opts).await
 }
 
 /// Like [`fetch_bundle`] for callers without a tokio runtime: runs one and blocks on it.
 /// Must not be called from inside a tokio runtime.
-pub fn fetch_bundle_blocking(reference: &str, dest_root: &Path, opts: &FetchOptions) -> Result<PathBuf> {
+pub fn fetch_bundle_blocking(reference: &BundleRef, dest_root: &Path, opts: &FetchOptions) -> Result<PathBuf> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -138,21 +118,39 @@ pub fn fetch_bundle_blocking(reference: &str, dest_root: &Path, opts: &FetchOpti
 
 /// Opens the store of an archive reference and looks the archive up. Errors for a local bundle
 /// directory (nothing to fetch) and for an archive that is not committed in its store.
-pub async fn open_reference(reference: &str, s3: &S3Options) -> Result<(Arc<dyn Store>, ObjectInfo)> {
-    match BundleRef::parse(reference)? {
-        BundleRef::LocalDir(dir) => Err(Error::InvalidReference {
-            reference: reference.to_string(),
-            reason: format!("{} is already a bundle directory on this node; use it directly", dir.display()),
-        }),
-        BundleRef::Object { store, key } => {
-            let store = store.open(s3).await?;
-            let info = store
-                .head(&key)
-                .await?
-                .ok_or_else(|| Error::NotFound { location: store.location(), key: key.clone() })?;
-            Ok((store, info))
+pub async fn open_reference(reference: &BundleRef, s3: &S3Options) -> Result<(Arc<dyn Store>, ObjectInfo)> {
+    let (location, key) = archive_location(reference)?;
+    let store = location.open(s3).await?;
+    let info =
+        store.head(key).await?.ok_or_else(|| Error::NotFound { location: store.location(), key: key.to_string() })?;
+    Ok((store, info))
+}
+
+/// The store and key of an archive reference, the key checked by the store's rules (which reserve
+/// more than the reference parser does, e.g. `*.meta.json`).
+fn archive_location(reference: &BundleRef) -> Result<(StoreLocation, &str)> {
+    let (store, key) = match reference {
+        BundleRef::LocalDir(dir) => {
+            check_exists(reference, dir)?;
+            return Err(invalid(reference, "it is a bundle directory on this node, not an archive; use it directly"));
         }
+        BundleRef::FsArchive { store, name } => (StoreLocation::Fs(store.clone()), name),
+        BundleRef::S3 { bucket, key } => (StoreLocation::S3 { bucket: bucket.clone(), prefix: String::new() }, key),
+    };
+    validate_key(key).map_err(|e| invalid(reference, e))?;
+    Ok((store, key))
+}
+
+/// A path that names nothing parses as a bundle directory; say that it names nothing.
+fn check_exists(reference: &BundleRef, dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
     }
+    Err(invalid(reference, format!("{} is neither a bundle directory nor an archive file", dir.display())))
+}
+
+fn invalid(reference: impl ToString, reason: impl ToString) -> Error {
+    Error::InvalidReference { reference: reference.to_string(), reason: reason.to_string() }
 }
 
 /// The relative directory an object's bundle is restored to: its `bundle` label, or its key
@@ -199,11 +197,9 @@ pub async fn fetch_object(
         opts.progress.clone(),
         tx,
     ));
-    let (key, expected_sha, compression, limits, dest_owned) =
-        (info.key.clone(), info.meta.sha256.clone(), info.meta.compression, opts.limits, dest.to_path_buf());
-    let extractor = tokio::task::spawn_blocking(move || {
-        unpack_verified(rx, &key, size, &expected_sha, compression, &dest_owned, &limits)
-    });
+    let (expected, limits, dest_owned, manifest) =
+        (info.clone(), opts.limits, dest.to_path_buf(), !opts.skip_manifest_check);
+    let extractor = tokio::task::spawn_blocking(move || unpack_verified(rx, &expected, &dest_owned, &limits, manifest));
     let extracted = extractor.await.map_err(|e| join_error("extract", e));
     let downloaded = downloader.await.map_err(|e| join_error("download", e));
     // A download failure explains whatever the extractor saw (truncated stream).
@@ -276,18 +272,18 @@ async fn read_range(
         .await
 }
 
-/// Runs on a blocking thread: hashes the raw stream while extracting, then verifies and publishes.
+/// Runs on a blocking thread: hashes the raw stream while extracting, then verifies the stream
+/// against the record of `expected` and publishes (running the bundle's manifest pass if `manifest`).
 fn unpack_verified(
     rx: mpsc::Receiver<Bytes>,
-    key: &str,
-    size: u64,
-    expected_sha: &str,
-    compression: Compression,
+    expected: &ObjectInfo,
     dest: &Path,
     limits: &ExtractLimits,
+    manifest: bool,
 ) -> Result<PathBuf> {
+    let (key, size, expected_sha) = (expected.key.as_str(), expected.meta.size, &expected.meta.sha256);
     let mut raw = HashingReader { rx, current: Bytes::new(), hasher: Sha256::new(), read: 0 };
-    let staged = extract::stage(&mut raw, compression, dest, limits, key);
+    let staged = extract::stage(&mut raw, expected.meta.compression, dest, limits, key);
     // Hash whatever the extractor did not read, so corruption is reported as such.
     let drained = io::copy(&mut raw, &mut io::sink());
     let sha = hex::encode(raw.hasher.clone().finalize());
@@ -298,7 +294,7 @@ fn unpack_verified(
             expected: size.to_string(),
             actual: raw.read.to_string(),
         })
-    } else if sha != expected_sha {
+    } else if sha != *expected_sha {
         Err(Error::Integrity { key: key.to_string(), what: "sha256", expected: expected_sha.to_string(), actual: sha })
     } else {
         Ok(())
@@ -306,7 +302,11 @@ fn unpack_verified(
     match (staged, integrity) {
         (Ok(staged), Ok(())) => {
             drained.map_err(|source| Error::Unpack { key: key.to_string(), source })?;
-            staged.publish(key)
+            if manifest {
+                staged.publish(key)
+            } else {
+                staged.publish_without_manifest_check(key)
+            }
         }
         // A mismatch explains any extraction error.
         (_, Err(e)) => Err(e),
@@ -343,23 +343,53 @@ impl Read for HashingReader {
 mod tests {
     use super::*;
 
+    fn location(reference: &str) -> Result<(StoreLocation, String)> {
+        archive_location(&parse_reference(reference)?).map(|(store, key)| (store, key.to_string()))
+    }
+
     #[test]
     fn references_parse() {
         assert_eq!(
-            BundleRef::parse("s3://bkt/ns/pod/c/t.tar.zst").unwrap(),
-            BundleRef::Object {
-                store: StoreLocation::S3 { bucket: "bkt".into(), prefix: String::new() },
-                key: "ns/pod/c/t.tar.zst".into()
-            }
+            location("s3://bkt/ns/pod/c/t.tar.zst").unwrap(),
+            (StoreLocation::S3 { bucket: "bkt".into(), prefix: String::new() }, "ns/pod/c/t.tar.zst".into())
         );
+        // A path names an archive only if it is a file; one that names nothing is a bundle directory
+        // (checkpoint-core's rule), which fetching says does not exist.
+        let store = tempfile::tempdir().unwrap();
+        std::fs::write(store.path().join("t.tar"), b"").unwrap();
         assert_eq!(
-            BundleRef::parse("file:///srv/store/t.tar").unwrap(),
-            BundleRef::Object { store: StoreLocation::Fs("/srv/store".into()), key: "t.tar".into() }
+            location(&format!("file://{}/t.tar", store.path().display())).unwrap(),
+            (StoreLocation::Fs(store.path().into()), "t.tar".into())
         );
+        assert_eq!(parse_reference("file:///srv/store/t.tar").unwrap(), BundleRef::LocalDir("/srv/store/t.tar".into()));
+        let err = location("file:///srv/store/t.tar").unwrap_err().to_string();
+        assert!(err.contains("neither a bundle directory nor an archive file"), "{err}");
         let dir = std::env::temp_dir();
-        assert_eq!(BundleRef::parse(dir.to_str().unwrap()).unwrap(), BundleRef::LocalDir(dir.clone()));
-        for bad in ["s3://bkt", "s3:///k", "s3://b/../x", "http://x/y", "", "file://"] {
-            assert!(BundleRef::parse(bad).is_err(), "{bad:?} accepted");
+        assert_eq!(parse_reference(dir.to_str().unwrap()).unwrap(), BundleRef::LocalDir(dir.clone()));
+        let err = location(dir.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("use it directly"), "{err}");
+        for bad in ["s3://bkt", "s3:///k", "s3://b/../x", "http://x/y", "", "file://", "relative/b"] {
+            assert!(matches!(parse_reference(bad), Err(Error::InvalidReference { .. })), "{bad:?} accepted");
+        }
+        // The store's key rules still apply after parsing.
+        std::fs::write(store.path().join("t.tar.meta.json"), b"{}").unwrap();
+        for bad in [format!("{}/t.tar.meta.json", store.path().display()), "s3://b/ns/.hidden.tar".into()] {
+            let err = location(&bad).unwrap_err().to_string();
+            assert!(err.contains("invalid bundle reference") && err.contains("reserved"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn command_line_references_may_be_relative() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(parse_cli_reference("src").unwrap(), BundleRef::LocalDir(cwd.join("src")));
+        assert_eq!(
+            parse_cli_reference("Cargo.toml").unwrap(),
+            BundleRef::FsArchive { store: cwd.clone(), name: "Cargo.toml".into() }
+        );
+        assert!(parse_reference("src").is_err(), "annotation values are parsed as they are");
+        for bad in ["", "file://src", "http://x/y"] {
+            assert!(parse_cli_reference(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

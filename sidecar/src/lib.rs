@@ -6,7 +6,10 @@
 //! - [`ship`]: ship one bundle and record it durably.
 //! - [`archive`]: the streaming tar/zstd producer.
 //! - [`store`]: the [`store::Store`] trait with [`store::FsStore`] and [`store::S3Store`].
-//! - [`fetch`]: [`fetch_bundle`] for the shim's `kybernate.io/restore-from` references.
+//! - [`fetch`]: [`fetch_bundle`], the library entry of `kybernate-sidecar pull`, for
+//!   `kybernate.io/restore-from` references (checkpoint-core's
+//!   [`BundleRef`](checkpoint_core::reference::BundleRef)). The shim runs `pull` as a
+//!   separate process, so the async runtime and the S3 client never live in the shim's memory.
 //! - [`extract`]: extraction that never writes outside its destination.
 //! - [`gc`]: per-container retention.
 
@@ -24,4 +27,4 @@ pub mod ship;
 pub mod store;
 
 pub use error::{Error, Result};
-pub use fetch::{fetch_bundle, fetch_bundle_blocking, FetchOptions};
+pub use fetch::{fetch_bundle, fetch_bundle_blocking, parse_reference, FetchOptions};

@@ -11,7 +11,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use kybernate_sidecar::archive::{content_size, Progress};
 use kybernate_sidecar::config::{FileConfig, Overrides, Settings, DEFAULT_CONFIG_PATH};
 use kybernate_sidecar::daemon::{Daemon, DaemonConfig};
-use kybernate_sidecar::fetch::{fetch_object, open_reference, FetchOptions};
+use kybernate_sidecar::fetch::{fetch_object, open_reference, parse_cli_reference, FetchOptions};
 use kybernate_sidecar::gc::{gc, GcPolicy};
 use kybernate_sidecar::ship::{ship_bundle, ShipOptions, ShipOutcome, StateDir};
 
@@ -46,10 +46,17 @@ enum Command {
     },
     /// Download, verify and extract a bundle to DEST (which must not exist).
     Pull {
-        /// file:///path/to/archive, a path to an archive, or s3://bucket/key.
+        /// file:///path/to/archive, a path to an archive (relative to the working directory or
+        /// absolute), or s3://bucket/key.
         reference: String,
         /// Directory to create.
         dest: PathBuf,
+        /// Skip the bundle's manifest pass (re-reading every extracted file to check its sealed
+        /// sha256). The archive's checksum recorded at upload is still checked as it streams, and
+        /// COMPLETE must be present. The shim passes this: it verifies the manifest itself right
+        /// before the restore, so the bundle is hashed once, before anything reaches CRIU.
+        #[arg(long)]
+        skip_manifest_check: bool,
     },
     /// List the archives in the store.
     Ls {
@@ -137,8 +144,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::resolve(FileConfig::load(&path, required)?, &cli.overrides)?;
     match cli.command {
         Command::Push { bundle, key, force } => push(&settings, &bundle, key, force).await,
-        Command::Pull { reference, dest } => {
-            let (store, info) = open_reference(&reference, &settings.s3).await?;
+        Command::Pull { reference, dest, skip_manifest_check } => {
+            let (store, info) = open_reference(&parse_cli_reference(&reference)?, &settings.s3).await?;
             let bar = progress_bar(info.meta.size, "pull");
             let opts = FetchOptions {
                 s3: settings.s3.clone(),
@@ -146,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 range_size: settings.s3.part_size,
                 concurrency: settings.s3.concurrency,
                 progress: bar.as_ref().map(|(_, p)| p.clone()),
+                skip_manifest_check,
             };
             let result = fetch_object(store, &info, &dest, &opts).await;
             if let Some((bar, _)) = bar {

@@ -6,117 +6,55 @@
 //! restores and unlocks the restored process, and removes the container when that fails.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use checkpoint_core::bundle::{self, ContainerIdentity, GpuProcess, COMPLETE_MARKER, FAILED_MARKER};
-use checkpoint_core::gpu::{
-    ComputeProcess, CudaCheckpointDriver, CudaProcessState, GpuBackend, GpuContext, GpuError, GpuInfo, GpuInventory,
-    GpuMatch, GpuPair, GpuRestorePlan, GpuStep, InventoryError,
+use checkpoint_core::bundle::{
+    self, BundleLayout, ContainerIdentity, Durability, GpuProcess, COMPLETE_MARKER, FAILED_MARKER,
 };
+use checkpoint_core::gpu::{ComputeProcess, CudaProcessState, GpuBackend, GpuContext, GpuInfo, GpuMatch, GpuStep};
 use checkpoint_core::{
-    checkpoint_container_bundle, open_bundle, restore_container, CheckpointOptions, ContainerCheckpoint,
-    ContainerRestore, Criu, Error, OpenedBundle, RestoreIo, RestoreOptions, Runc,
+    checkpoint_container_bundle, open_container_bundle, restore_container_bundle, CheckpointOptions,
+    ContainerCheckpoint, Criu, Error, OpenOptions, RestorableBundle, RestoreTarget, Runc,
 };
+use kybernate_tests::gpu_fakes::{fake_gpu, CallLog, FakeDriver, FakeInventory, GIB};
 use kybernate_tests::{
     busybox_bundle, read_counter, reap_if_exited, wait_counter_past, wait_for, RuncContainer, COUNTER_SCRIPT,
 };
 
-const GIB: u64 = 1 << 30;
 const H100: &str = "NVIDIA H100 80GB HBM3";
 const UUID_A: &str = "GPU-aaaaaaaa-0000-0000-0000-000000000000";
 const UUID_B: &str = "GPU-bbbbbbbb-0000-0000-0000-000000000000";
 const DRIVER: &str = "580.95.05";
 const LOCK_TIMEOUT: Duration = Duration::from_secs(7);
 
-type Calls = Arc<Mutex<Vec<String>>>;
-
-/// A CUDA driver that records every call where the test can read it (the backend owns the driver),
-/// fails the operation it is told to, and keeps one state for all processes: what its last step left.
-struct FakeDriver {
-    calls: Calls,
-    fail: Option<&'static str>,
-    state: Mutex<CudaProcessState>,
+/// A fake driver (every lock bounded by [`LOCK_TIMEOUT`]) whose processes start in `state`, failing
+/// `fail`; and its call log.
+fn fake_driver(fail: Option<&'static str>, state: CudaProcessState) -> (FakeDriver, CallLog) {
+    let fake = FakeDriver::default().in_state(state).expecting_lock_timeout(LOCK_TIMEOUT);
+    let fake = match fail {
+        Some(op) => fake.failing(op),
+        None => fake,
+    };
+    let log = fake.log();
+    (fake, log)
 }
 
-impl FakeDriver {
-    /// A driver whose processes start in `state`, failing `fail`; and its call log.
-    fn new(fail: Option<&'static str>, state: CudaProcessState) -> (Self, Calls) {
-        let calls = Calls::default();
-        (FakeDriver { calls: Arc::clone(&calls), fail, state: Mutex::new(state) }, calls)
-    }
-
-    fn step(&self, call: String, op: &'static str, pid: i32, next: CudaProcessState) -> Result<(), GpuError> {
-        self.calls.lock().unwrap().push(call);
-        if self.fail == Some(op) {
-            return Err(GpuError { backend: "fake".into(), operation: op, pid, detail: "injected failure".into() });
-        }
-        *self.state.lock().unwrap() = next;
-        Ok(())
-    }
-}
-
-impl CudaCheckpointDriver for FakeDriver {
-    fn name(&self) -> &str {
-        "fake"
-    }
-    fn state(&self, _pid: i32) -> Result<CudaProcessState, GpuError> {
-        Ok(*self.state.lock().unwrap())
-    }
-    fn lock(&self, pid: i32, timeout: Duration) -> Result<(), GpuError> {
-        assert_eq!(timeout, LOCK_TIMEOUT);
-        self.step(format!("lock {pid}"), "lock", pid, CudaProcessState::Locked)
-    }
-    fn checkpoint(&self, pid: i32) -> Result<(), GpuError> {
-        self.step(format!("checkpoint {pid}"), "checkpoint", pid, CudaProcessState::Checkpointed)
-    }
-    fn restore(&self, pid: i32, pairs: &[GpuPair]) -> Result<(), GpuError> {
-        let call =
-            if pairs.is_empty() { format!("restore {pid}") } else { format!("restore {pid} moving {}", pairs.len()) };
-        self.step(call, "restore", pid, CudaProcessState::Locked)
-    }
-    fn unlock(&self, pid: i32) -> Result<(), GpuError> {
-        self.step(format!("unlock {pid}"), "unlock", pid, CudaProcessState::Running)
-    }
-}
-
-/// A node with the given driver and GPUs, whose GPU 0 runs `processes`.
-struct FakeInventory {
-    driver: &'static str,
-    gpus: Vec<GpuInfo>,
-    processes: Vec<ComputeProcess>,
-}
-
-impl GpuInventory for FakeInventory {
-    fn driver_version(&self) -> Result<String, InventoryError> {
-        Ok(self.driver.into())
-    }
-    fn gpus(&self) -> Result<Vec<GpuInfo>, InventoryError> {
-        Ok(self.gpus.clone())
-    }
-    fn compute_processes(&self, index: u32) -> Result<Vec<ComputeProcess>, InventoryError> {
-        Ok(if index == 0 { self.processes.clone() } else { Vec::new() })
-    }
-}
-
+/// GPU 0 of a node, `name` with `uuid`: compute capability 9.0, 80 GiB with 70 free.
 fn gpu(uuid: &str, name: &str) -> GpuInfo {
-    GpuInfo {
-        index: 0,
-        uuid: uuid.into(),
-        name: name.into(),
-        compute_capability: "9.0".into(),
-        memory_total: 80 * GIB,
-        memory_free: 70 * GIB,
-    }
+    fake_gpu(0, uuid, name, "9.0", 70)
+}
+
+/// A node running [`DRIVER`] with `gpus`, nothing on them.
+fn inventory(gpus: Vec<GpuInfo>) -> FakeInventory {
+    FakeInventory { driver: DRIVER.into(), gpus, ..Default::default() }
 }
 
 /// One H100 on which `pid` holds 1 GiB.
 fn node_running(pid: i32) -> FakeInventory {
-    FakeInventory {
-        driver: DRIVER,
-        gpus: vec![gpu(UUID_A, H100)],
-        processes: vec![ComputeProcess { pid, used_memory: Some(GIB) }],
-    }
+    let mut node = inventory(vec![gpu(UUID_A, H100)]);
+    node.processes.insert(0, vec![ComputeProcess { pid, used_memory: Some(GIB) }]);
+    node
 }
 
 fn context(backend: GpuBackend, inventory: FakeInventory) -> Arc<GpuContext> {
@@ -149,16 +87,14 @@ fn request(container: &RuncContainer, gpu: Arc<GpuContext>) -> ContainerCheckpoi
         },
         runtime: "kybernate-tests".into(),
         gpu: Some(gpu),
+        layout: BundleLayout::Archive,
+        durability: Durability::Synced,
     }
 }
 
 /// Checkpoint options with a work directory of their own (outside the bundle) under `dir`.
 fn options(dir: &Path, name: &str, leave_running: bool) -> CheckpointOptions {
     CheckpointOptions { leave_running, work_dir: Some(dir.join(format!("work-{name}"))), ..Default::default() }
-}
-
-fn calls(log: &Calls) -> Vec<String> {
-    log.lock().unwrap().clone()
 }
 
 fn ops(pid: i32, ops: &[&str]) -> Vec<String> {
@@ -181,7 +117,7 @@ fn assert_abandoned(bundle_dir: &Path) {
 /// Checkpoints the container (without leave-running) with the fake driver; returns the bundle
 /// directory and the counter value it stopped at. The container is gone afterwards.
 fn checkpoint_gpu_container(dir: &Path, runc: &Runc, container: &RuncContainer) -> (PathBuf, u64) {
-    let (fake, log) = FakeDriver::new(None, CudaProcessState::Running);
+    let (fake, log) = fake_driver(None, CudaProcessState::Running);
     let out = dir.join("checkpoint-bundle");
     let ctx = context(driver(fake), node_running(container.pid));
     let report = checkpoint_container_bundle(
@@ -192,7 +128,7 @@ fn checkpoint_gpu_container(dir: &Path, runc: &Runc, container: &RuncContainer) 
         &options(dir, "dump", false),
     )
     .unwrap();
-    assert_eq!(calls(&log), ops(container.pid, &["lock", "checkpoint"]), "GPU steps before the dump");
+    assert_eq!(log.calls(), ops(container.pid, &["lock", "checkpoint"]), "GPU steps before the dump");
     let gpu = report.manifest.gpu.clone().expect("the manifest has a GPU section");
     assert_eq!(gpu.backend, "fake");
     assert_eq!(gpu.driver_version.as_deref(), Some(DRIVER));
@@ -209,16 +145,23 @@ fn checkpoint_gpu_container(dir: &Path, runc: &Runc, container: &RuncContainer) 
     (out, stopped_at)
 }
 
-fn restore_request(dir: &Path, container: &RuncContainer, opened: &OpenedBundle) -> ContainerRestore {
-    ContainerRestore {
+/// Opens the bundle `out` for a restore on a node whose GPUs are `ctx`'s.
+fn open(out: &Path, ctx: Arc<GpuContext>) -> checkpoint_core::Result<RestorableBundle> {
+    let gpu = move || Ok(Arc::clone(&ctx));
+    open_container_bundle(
+        out,
+        &Criu::from_path(),
+        &OpenOptions { accept_unsealed: false, gpu: &gpu, gpu_match: GpuMatch::default() },
+    )
+}
+
+/// The checkpointed container restored under its own id and bundle.
+fn target(dir: &Path, container: &RuncContainer) -> RestoreTarget {
+    RestoreTarget {
         id: container.id.clone(),
         bundle: container.bundle.clone(),
-        image_dir: opened.image_dir.clone(),
-        options: RestoreOptions {
-            work_dir: Some(dir.join("restore-work")),
-            flags: opened.manifest.criu_flags.clone().unwrap_or_default(),
-            ..Default::default()
-        },
+        work_dir: Some(dir.join("restore-work")),
+        timeout: None,
         pid_file: None,
         console_socket: None,
         no_pivot: false,
@@ -232,24 +175,23 @@ fn gpu_container_is_checkpointed_with_its_gpu_state_and_restored_onto_another_gp
     let (out, stopped_at) = checkpoint_gpu_container(dir.path(), &runc, &container);
 
     // Restore on a node whose H100 has another UUID: the state moves there.
-    let criu = Criu::from_path();
-    let opened = open_bundle(&out, &criu).unwrap();
-    let (fake, log) = FakeDriver::new(None, CudaProcessState::Checkpointed);
-    let node = FakeInventory { driver: DRIVER, gpus: vec![gpu(UUID_B, H100)], processes: Vec::new() };
-    let section = opened.manifest.gpu.as_ref().unwrap();
-    let plan = GpuRestorePlan::check(section, context(driver(fake), node), GpuMatch::default()).unwrap();
+    let (fake, log) = fake_driver(None, CudaProcessState::Checkpointed);
+    let node = inventory(vec![gpu(UUID_B, H100)]);
+    let opened = open(&out, context(driver(fake), node)).unwrap();
+    let plan = opened.gpu.as_ref().expect("a GPU restore plan");
     assert_eq!(plan.mapping().assignments.len(), 1);
     assert_eq!(
         (plan.mapping().assignments[0].old_uuid.as_str(), plan.mapping().assignments[0].new_uuid.as_str()),
         (UUID_A, UUID_B)
     );
 
-    let req = restore_request(dir.path(), &container, &opened);
-    let report = restore_container(&runc, &criu, &req, RestoreIo::default()).unwrap();
+    assert!(log.calls().is_empty(), "no GPU step before the restore");
+    let criu = Criu::from_path();
+    let report =
+        restore_container_bundle(&runc, &criu, &opened, &target(dir.path(), &container), Default::default()).unwrap();
     let restored = RuncContainer::adopt(runc.root().unwrap(), &container.id, &container.bundle, report.pid);
-    assert!(calls(&log).is_empty(), "no GPU step before the restore");
-    plan.restore(&runc, &req).unwrap();
-    assert_eq!(calls(&log), [format!("restore {} moving 1", report.pid), format!("unlock {}", report.pid)]);
+    // the GPU steps ran on the restored process, after runc restore gave it its pid
+    assert_eq!(log.calls(), [format!("restore {} moving 1", report.pid), format!("unlock {}", report.pid)]);
     assert_eq!(restored.status().as_deref(), Some("running"));
     let after = wait_counter_past(&container.bundle, stopped_at).unwrap();
     assert!(after < stopped_at + 50, "the counter continued from {stopped_at} rather than restarting: {after}");
@@ -260,47 +202,45 @@ fn gpu_restore_is_checked_before_anything_is_created_and_its_failure_removes_the
     let dir = tempfile::tempdir().unwrap();
     let (runc, container) = start(dir.path(), "gpu-rs", None);
     let (out, _) = checkpoint_gpu_container(dir.path(), &runc, &container);
-    let criu = Criu::from_path();
-    let opened = open_bundle(&out, &criu).unwrap();
-    let section = opened.manifest.gpu.as_ref().unwrap();
 
     // Another driver and another GPU model: refused with every difference, nothing created.
-    let (fake, log) = FakeDriver::new(None, CudaProcessState::Checkpointed);
-    let other =
-        FakeInventory { driver: "550.54.15", gpus: vec![gpu(UUID_B, "NVIDIA A100-SXM4-80GB")], processes: Vec::new() };
-    let err = GpuRestorePlan::check(section, context(driver(fake), other), GpuMatch::default()).unwrap_err();
+    let (fake, log) = fake_driver(None, CudaProcessState::Checkpointed);
+    let other = FakeInventory { driver: "550.54.15".into(), ..inventory(vec![gpu(UUID_B, "NVIDIA A100-SXM4-80GB")]) };
+    let err = open(&out, context(driver(fake), other)).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Gpu { step: GpuStep::Compatibility, .. }), "{text}");
     assert!(text.contains("driver 580.95.05, this node runs 550.54.15"), "{text}");
     assert!(text.contains(&format!("GPU {UUID_A} ({H100}")) && text.contains("A100"), "{text}");
-    assert!(calls(&log).is_empty());
+    assert!(log.calls().is_empty());
     assert_eq!(runc.state(&container.id).unwrap(), None, "nothing was created");
 
     // GPU checkpointing off here: refused before the restore too.
     let off = GpuBackend::Off { reason: "switched off".into() };
-    let err = GpuRestorePlan::check(section, context(off, node_running(0)), GpuMatch::default()).unwrap_err();
+    let err = open(&out, context(off, node_running(0))).unwrap_err();
     assert!(matches!(err, Error::Gpu { step: GpuStep::Backend, .. }), "{err}");
     assert!(err.to_string().contains("GPU checkpointing is unavailable here (switched off)"), "{err}");
 
     // The checks pass, but the driver cannot restore: the restored container is removed, the bundle kept.
-    let (fake, log) = FakeDriver::new(Some("restore"), CudaProcessState::Checkpointed);
-    let plan = GpuRestorePlan::check(section, context(driver(fake), node_running(0)), GpuMatch::default()).unwrap();
-    assert!(plan.mapping().gpu_pairs().is_empty(), "same GPU: nothing moves");
-    let req = restore_request(dir.path(), &container, &opened);
-    let report = restore_container(&runc, &criu, &req, RestoreIo::default()).unwrap();
-    let err = plan.restore(&runc, &req).unwrap_err();
+    let (fake, log) = fake_driver(Some("restore"), CudaProcessState::Checkpointed);
+    let opened = open(&out, context(driver(fake), node_running(0))).unwrap();
+    assert!(opened.gpu.as_ref().unwrap().mapping().gpu_pairs().is_empty(), "same GPU: nothing moves");
+    let criu = Criu::from_path();
+    let err = restore_container_bundle(&runc, &criu, &opened, &target(dir.path(), &container), Default::default())
+        .unwrap_err();
     let text = err.to_string();
+    let restored_pid: i32 =
+        log.calls()[0].strip_prefix("restore ").and_then(|p| p.parse().ok()).expect("a restore call");
     assert!(matches!(err, Error::Gpu { step: GpuStep::Restore, .. }), "{text}");
     assert!(
         text.contains("injected failure")
             && text.contains("the restored container gpu-rs was taken down (runc delete --force removed it)"),
         "{text}"
     );
-    assert_eq!(calls(&log), [format!("restore {}", report.pid)]);
+    assert_eq!(log.calls(), [format!("restore {restored_pid}")]);
     assert_eq!(runc.state(&container.id).unwrap(), None, "the restored container is gone");
     wait_for("the restored init process to end", Duration::from_secs(10), || {
-        reap_if_exited(report.pid);
-        (!kybernate_tests::alive(report.pid)).then_some(())
+        reap_if_exited(restored_pid);
+        (!kybernate_tests::alive(restored_pid)).then_some(())
     })
     .unwrap();
     bundle::verify(&out).expect("the bundle is untouched for another try");
@@ -313,7 +253,7 @@ fn criu_failure_after_the_gpu_checkpoint_rolls_back_and_the_container_keeps_runn
     // dump, after the GPU state was checkpointed.
     let host_file = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
     let (runc, container) = start(dir.path(), "gpu-criu", Some(host_file));
-    let (fake, log) = FakeDriver::new(None, CudaProcessState::Running);
+    let (fake, log) = fake_driver(None, CudaProcessState::Running);
     let out = dir.path().join("checkpoint-bundle");
     let ctx = context(driver(fake), node_running(container.pid));
     let err = checkpoint_container_bundle(
@@ -329,7 +269,7 @@ fn criu_failure_after_the_gpu_checkpoint_rolls_back_and_the_container_keeps_runn
     assert!(text.contains("Can't lookup mount"), "CRIU's reason is kept: {text}");
     let pid = container.pid;
     assert!(text.contains(&format!("restored GPU state of {pid}, unlocked {pid}")), "{text}");
-    assert_eq!(calls(&log), ops(pid, &["lock", "checkpoint", "restore", "unlock"]));
+    assert_eq!(log.calls(), ops(pid, &["lock", "checkpoint", "restore", "unlock"]));
     assert_running(&container);
     assert_abandoned(&out);
 }
@@ -347,7 +287,7 @@ fn a_failure_at_every_gpu_step_leaves_the_container_running_and_the_bundle_faile
         ("unlock", true, GpuStep::Unlock, vec!["lock", "checkpoint", "restore", "unlock"]),
     ];
     for (fail, leave_running, step, want) in cases {
-        let (fake, log) = FakeDriver::new(Some(fail), CudaProcessState::Running);
+        let (fake, log) = fake_driver(Some(fail), CudaProcessState::Running);
         let out = dir.path().join(format!("bundle-{fail}"));
         let ctx = context(driver(fake), node_running(pid));
         let err = checkpoint_container_bundle(
@@ -360,7 +300,7 @@ fn a_failure_at_every_gpu_step_leaves_the_container_running_and_the_bundle_faile
         .unwrap_err();
         assert!(matches!(err, Error::Gpu { step: s, .. } if s == step), "{fail}: {err}");
         assert!(err.to_string().contains("injected failure"), "{err}");
-        assert_eq!(calls(&log), ops(pid, &want), "after a failed {fail}");
+        assert_eq!(log.calls(), ops(pid, &want), "after a failed {fail}");
         assert_running(&container);
         assert_abandoned(&out);
     }
@@ -374,13 +314,13 @@ fn the_gpu_steps_are_skipped_without_gpu_processes_or_with_criu_plugin_and_refus
     let pid = container.pid;
 
     // No process of the container on a GPU (another container's is): a plain checkpoint.
-    let (fake, log) = FakeDriver::new(None, CudaProcessState::Running);
+    let (fake, log) = fake_driver(None, CudaProcessState::Running);
     let out = dir.path().join("bundle-cpu");
     let ctx = context(driver(fake), node_running(i32::MAX));
     let report =
         checkpoint_container_bundle(&runc, &criu, &out, &request(&container, ctx), &options(dir.path(), "cpu", true))
             .unwrap();
-    assert!(calls(&log).is_empty());
+    assert!(log.calls().is_empty());
     assert_eq!(report.manifest.gpu, None);
     assert!(bundle::is_complete(&out));
     assert_running(&container);

@@ -4,26 +4,23 @@
 //! CUDA driver; NVML is tried for real (a clear error here, a GPU listing on a GPU node); the backend
 //! dispatch runs real CRIU dumps and restores.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkpoint_core::bundle::{GpuDevice, GpuProcess, GpuSection};
 use checkpoint_core::gpu::{
     check_restore, checkpoint_with_backend, find_gpu_processes, gpu_section, parse_gpu_uuid, restore_with_backend,
-    select_backend, BackendProbe, ComputeProcess, ContainerGpuProcess, CriuPluginDir, CudaCheckpointDriver,
-    CudaProcessState, DiscoveryMethod, GpuAssignment, GpuBackend, GpuBackendChoice, GpuCompatError, GpuError, GpuInfo,
-    GpuInventory, GpuMapping, GpuMatch, GpuPair, GpuStep, InventoryError, NodeProbe, NvmlInventory, PluginDirSource,
-    ProcScanner, CUDA_PLUGIN,
+    select_backend, ComputeProcess, ContainerGpuProcess, CriuPluginDir, DiscoveryMethod, GpuAssignment, GpuBackend,
+    GpuBackendChoice, GpuCompatError, GpuInfo, GpuInventory, GpuMapping, GpuMatch, GpuPair, GpuStep, InventoryError,
+    NodeProbe, NvmlInventory, PluginDirSource, ProcScanner, CUDA_PLUGIN,
 };
 use checkpoint_core::{CheckpointOptions, Criu, Error, RestoreOptions};
+use kybernate_tests::gpu_fakes::{fake_gpu, FakeDriver, FakeInventory, FakeProbe, GIB};
 use kybernate_tests::{alive, become_subreaper, kill_and_reap, spawn_workload, wait_for, WorkloadState};
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_kybernate-test-workload");
-const GIB: u64 = 1 << 30;
 const H100: &str = "NVIDIA H100 80GB HBM3";
 const UUID_A: &str = "GPU-aaaaaaaa-0000-0000-0000-000000000000";
 const UUID_B: &str = "GPU-bbbbbbbb-0000-0000-0000-000000000000";
@@ -32,46 +29,9 @@ const UUID_D: &str = "GPU-dddddddd-0000-0000-0000-000000000000";
 const UUID_E: &str = "GPU-eeeeeeee-0000-0000-0000-000000000000";
 
 // ---------------------------------------------------------------------------------------------
-// Fakes
+// Fakes (kybernate_tests::gpu_fakes) and what the tests build with them
 
-#[derive(Default)]
-struct FakeInventory {
-    driver: String,
-    gpus: Vec<GpuInfo>,
-    processes: BTreeMap<u32, Vec<ComputeProcess>>,
-    broken: bool,
-}
-
-impl GpuInventory for FakeInventory {
-    fn driver_version(&self) -> Result<String, InventoryError> {
-        Ok(self.driver.clone())
-    }
-    fn gpus(&self) -> Result<Vec<GpuInfo>, InventoryError> {
-        if self.broken {
-            return Err(InventoryError::Nvml {
-                call: "nvmlDeviceGetCount_v2",
-                object: "the system".into(),
-                detail: "GPU is lost".into(),
-            });
-        }
-        Ok(self.gpus.clone())
-    }
-    fn compute_processes(&self, index: u32) -> Result<Vec<ComputeProcess>, InventoryError> {
-        Ok(self.processes.get(&index).cloned().unwrap_or_default())
-    }
-}
-
-fn gpu(index: u32, uuid: &str, name: &str, cc: &str, free_gib: u64) -> GpuInfo {
-    GpuInfo {
-        index,
-        uuid: uuid.into(),
-        name: name.into(),
-        compute_capability: cc.into(),
-        memory_total: 80 * GIB,
-        memory_free: free_gib * GIB,
-    }
-}
-
+/// A node with driver 580.95.05 and `gpus`, with no compute processes.
 fn node(gpus: Vec<GpuInfo>) -> FakeInventory {
     FakeInventory { driver: "580.95.05".into(), gpus, ..Default::default() }
 }
@@ -95,82 +55,16 @@ fn mismatch(result: Result<GpuMapping, GpuCompatError>) -> String {
     }
 }
 
-/// A CUDA driver that records its calls where the test can still read them.
-#[derive(Default)]
-struct RecordingDriver {
-    name: &'static str,
-    calls: Arc<Mutex<Vec<String>>>,
-}
-
-impl RecordingDriver {
-    fn named(name: &'static str) -> Self {
-        RecordingDriver { name, ..Default::default() }
-    }
-    fn record(&self, op: &str, pid: i32) -> Result<(), GpuError> {
-        self.calls.lock().unwrap().push(format!("{op} {pid}"));
-        Ok(())
-    }
-}
-
-impl CudaCheckpointDriver for RecordingDriver {
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn state(&self, _pid: i32) -> Result<CudaProcessState, GpuError> {
-        Ok(CudaProcessState::Running)
-    }
-    fn lock(&self, pid: i32, _timeout: Duration) -> Result<(), GpuError> {
-        self.record("lock", pid)
-    }
-    fn checkpoint(&self, pid: i32) -> Result<(), GpuError> {
-        self.record("checkpoint", pid)
-    }
-    fn restore(&self, pid: i32, _pairs: &[GpuPair]) -> Result<(), GpuError> {
-        self.record("restore", pid)
-    }
-    fn unlock(&self, pid: i32) -> Result<(), GpuError> {
-        self.record("unlock", pid)
-    }
-}
-
-/// Backends present or not, as told.
-struct FakeProbe {
-    api: bool,
-    cli: bool,
-    plugin: bool,
-}
-
-impl BackendProbe for FakeProbe {
-    fn driver_api(&self) -> Result<Box<dyn CudaCheckpointDriver>, String> {
-        if self.api {
-            Ok(Box::new(RecordingDriver::named("driver-api")))
-        } else {
-            Err("libcuda.so.1 not found".into())
-        }
-    }
-    fn cli(&self) -> Result<Box<dyn CudaCheckpointDriver>, String> {
-        if self.cli {
-            Ok(Box::new(RecordingDriver::named("cuda-checkpoint")))
-        } else {
-            Err("cuda-checkpoint not found on PATH".into())
-        }
-    }
-    fn criu_plugin(&self) -> Result<PathBuf, String> {
-        if self.plugin {
-            Ok(PathBuf::from("/usr/lib/criu/cuda_plugin.so"))
-        } else {
-            Err("no cuda_plugin.so in /usr/lib/criu".into())
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Discovery and the manifest section
 
 #[test]
 fn nvml_processes_of_the_container_fill_the_manifest_section() {
-    let mut inv =
-        node(vec![gpu(0, UUID_A, H100, "9.0", 70), gpu(1, UUID_B, H100, "9.0", 70), gpu(2, UUID_C, H100, "9.0", 80)]);
+    let mut inv = node(vec![
+        fake_gpu(0, UUID_A, H100, "9.0", 70),
+        fake_gpu(1, UUID_B, H100, "9.0", 70),
+        fake_gpu(2, UUID_C, H100, "9.0", 80),
+    ]);
     inv.processes.insert(
         0,
         vec![
@@ -325,7 +219,7 @@ fn restore_on_the_same_gpus_needs_no_mapping() {
     let s = section(vec![device(UUID_A, H100, "9.0")], vec![process(1, UUID_A, 10)]);
     let mapping = check_restore(
         &s,
-        &node(vec![gpu(0, UUID_B, H100, "9.0", 80), gpu(1, UUID_A, H100, "9.0", 70)]),
+        &node(vec![fake_gpu(0, UUID_B, H100, "9.0", 80), fake_gpu(1, UUID_A, H100, "9.0", 70)]),
         GpuMatch::SameName,
     )
     .unwrap();
@@ -341,7 +235,7 @@ fn other_gpus_of_the_same_model_get_every_pair() {
         vec![process(1, UUID_A, 30), process(1, UUID_B, 10)],
     );
     // Only E has room for A's 30 GiB; D takes B.
-    let inv = node(vec![gpu(0, UUID_D, H100, "9.0", 20), gpu(1, UUID_E, H100, "9.0", 40)]);
+    let inv = node(vec![fake_gpu(0, UUID_D, H100, "9.0", 20), fake_gpu(1, UUID_E, H100, "9.0", 40)]);
     let mapping = check_restore(&s, &inv, GpuMatch::SameName).unwrap();
     let moves: Vec<(&str, &str, u32)> =
         mapping.assignments.iter().map(|a| (a.old_uuid.as_str(), a.new_uuid.as_str(), a.new_index)).collect();
@@ -358,7 +252,7 @@ fn other_gpus_of_the_same_model_get_every_pair() {
 #[test]
 fn another_model_is_refused_unless_compute_capability_is_enough() {
     let s = section(vec![device(UUID_A, H100, "9.0")], vec![process(1, UUID_A, 10)]);
-    let a100 = node(vec![gpu(0, UUID_D, "NVIDIA A100-SXM4-80GB", "8.0", 80)]);
+    let a100 = node(vec![fake_gpu(0, UUID_D, "NVIDIA A100-SXM4-80GB", "8.0", 80)]);
     let text = mismatch(check_restore(&s, &a100, GpuMatch::SameName));
     assert!(text.starts_with("the checkpoint's GPU state cannot be restored on this node: "), "{text}");
     assert!(
@@ -368,7 +262,7 @@ fn another_model_is_refused_unless_compute_capability_is_enough() {
         "{text}"
     );
 
-    let pcie = node(vec![gpu(0, UUID_D, "NVIDIA H100 PCIe", "9.0", 80)]);
+    let pcie = node(vec![fake_gpu(0, UUID_D, "NVIDIA H100 PCIe", "9.0", 80)]);
     assert!(mismatch(check_restore(&s, &pcie, GpuMatch::SameName)).contains("no GPU of that model"));
     let mapping = check_restore(&s, &pcie, GpuMatch::SameComputeCapability).unwrap();
     assert_eq!(mapping.assignments[0].new_uuid, UUID_D);
@@ -379,7 +273,7 @@ fn another_model_is_refused_unless_compute_capability_is_enough() {
 #[test]
 fn too_little_free_memory_names_the_numbers_and_the_fix() {
     let s = section(vec![device(UUID_A, H100, "9.0")], vec![process(1, UUID_A, 40), process(2, UUID_A, 20)]);
-    let inv = node(vec![gpu(0, UUID_D, H100, "9.0", 10), gpu(1, UUID_E, H100, "9.0", 20)]);
+    let inv = node(vec![fake_gpu(0, UUID_D, H100, "9.0", 10), fake_gpu(1, UUID_E, H100, "9.0", 20)]);
     let text = mismatch(check_restore(&s, &inv, GpuMatch::SameName));
     assert!(
         text.contains(&format!("GPU {UUID_A} ({H100}): the checkpointed processes held 60.0 GiB (64424509440 bytes)"))
@@ -398,7 +292,7 @@ fn every_problem_is_listed_at_once() {
             vec![process(1, UUID_A, 1)],
         )
     };
-    let text = mismatch(check_restore(&s, &node(vec![gpu(0, UUID_D, H100, "9.0", 80)]), GpuMatch::SameName));
+    let text = mismatch(check_restore(&s, &node(vec![fake_gpu(0, UUID_D, H100, "9.0", 80)]), GpuMatch::SameName));
     assert!(
         text.contains("driver: the checkpoint was taken with NVIDIA driver 570.86.10, this node runs 580.95.05; restore on a node with driver 570.86.10"),
         "{text}"
@@ -425,7 +319,7 @@ fn a_checkpoint_found_without_nvml_needs_only_some_gpu() {
         processes: vec![GpuProcess { pid: 7, gpu_uuid: None, memory_bytes: None, ns_pid: None }],
     };
     assert_eq!(
-        check_restore(&s, &node(vec![gpu(0, UUID_D, H100, "9.0", 80)]), GpuMatch::SameName).unwrap(),
+        check_restore(&s, &node(vec![fake_gpu(0, UUID_D, H100, "9.0", 80)]), GpuMatch::SameName).unwrap(),
         GpuMapping::default()
     );
     let text = mismatch(check_restore(&s, &node(vec![]), GpuMatch::SameName));
@@ -435,7 +329,7 @@ fn a_checkpoint_found_without_nvml_needs_only_some_gpu() {
 #[test]
 fn bad_uuids_and_inventory_failures_are_reported() {
     let s = section(vec![device("MIG-1234", H100, "9.0")], vec![]);
-    let text = mismatch(check_restore(&s, &node(vec![gpu(0, UUID_D, H100, "9.0", 80)]), GpuMatch::SameName));
+    let text = mismatch(check_restore(&s, &node(vec![fake_gpu(0, UUID_D, H100, "9.0", 80)]), GpuMatch::SameName));
     assert!(text.contains("GPU UUID \"MIG-1234\" in the manifest is not of the form GPU-"), "{text}");
 
     let broken = FakeInventory { broken: true, ..node(vec![]) };
@@ -454,7 +348,7 @@ fn criu_cuda_plugin_is_found_in_the_plugin_directory() {
     let plugin_dir = CriuPluginDir::for_criu(&criu, Some(dir.path()));
     assert_eq!(plugin_dir, CriuPluginDir { path: dir.path().into(), source: PluginDirSource::Libdir });
     assert_eq!(plugin_dir.cuda_plugin(), None);
-    let probe = NodeProbe { plugin_dir: plugin_dir.clone() };
+    let probe = NodeProbe { plugin_dir: plugin_dir.clone(), spawner: Default::default() };
     let err = select_backend(GpuBackendChoice::CriuPlugin, &probe).unwrap_err().to_string();
     assert!(
         err.starts_with("GPU backend criu-plugin was chosen but cannot be used on this node: no cuda_plugin.so in CRIU's plugin directory")
@@ -598,21 +492,20 @@ fn with_criu_plugin_kybernate_runs_no_gpu_step_and_moves_no_gpu() {
 fn with_a_driver_kybernate_runs_the_steps_unless_criu_plugin_would_fight_a_move() {
     let dir = tempfile::tempdir().unwrap();
     let (pid, _state) = start(dir.path());
-    let driver = RecordingDriver::named("fake");
-    let calls = Arc::clone(&driver.calls);
+    let driver = FakeDriver::default();
+    let calls = driver.log();
     let backend = GpuBackend::Driver { driver: Box::new(driver), criu_plugin: None };
     let opts = CheckpointOptions { leave_running: true, ..Default::default() };
     let images = dir.path().join("images");
     checkpoint_with_backend(&backend, &Criu::from_path(), pid, &[pid], &images, &opts, Duration::from_secs(5)).unwrap();
     let want: Vec<String> =
         ["lock", "checkpoint", "restore", "unlock"].iter().map(|op| format!("{op} {pid}")).collect();
-    assert_eq!(*calls.lock().unwrap(), want);
+    assert_eq!(calls.calls(), want);
     assert!(alive(pid));
     kill_and_reap(pid);
 
     let plugin = PathBuf::from("/usr/lib/criu/cuda_plugin.so");
-    let with_plugin =
-        GpuBackend::Driver { driver: Box::new(RecordingDriver::named("fake")), criu_plugin: Some(plugin) };
+    let with_plugin = GpuBackend::Driver { driver: Box::new(FakeDriver::default()), criu_plugin: Some(plugin) };
     let err =
         restore_with_backend(&with_plugin, &Criu::from_path(), &images, &RestoreOptions::default(), &moved_mapping())
             .unwrap_err()

@@ -3,66 +3,23 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use checkpoint_core::gpu::{
-    checkpoint_gpu_process, restore_gpu_process, CudaCheckpointDriver, CudaProcessState, DriverApi, GpuError, GpuPair,
-    GpuStep,
+    checkpoint_gpu_process, restore_gpu_process, CudaCheckpointDriver, CudaProcessState, DriverApi, GpuStep,
 };
 use checkpoint_core::{CheckpointOptions, Criu, Error, RestoreOptions};
+use kybernate_tests::gpu_fakes::FakeDriver;
 use kybernate_tests::{alive, become_subreaper, kill_and_reap, spawn_workload, WorkloadState};
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_kybernate-test-workload");
 
-/// A driver that records every call and fails the operation it is told to.
-#[derive(Default)]
-struct FakeDriver {
-    calls: Mutex<Vec<String>>,
-    fail: Option<&'static str>,
-    state: Mutex<Option<CudaProcessState>>,
-}
-
-impl FakeDriver {
-    fn failing(op: &'static str) -> Self {
-        FakeDriver { fail: Some(op), ..Default::default() }
-    }
-    fn step(&self, op: &'static str, pid: i32, next: CudaProcessState) -> Result<(), GpuError> {
-        self.calls.lock().unwrap().push(format!("{op} {pid}"));
-        if self.fail == Some(op) {
-            return Err(GpuError { backend: "fake".into(), operation: op, pid, detail: "injected failure".into() });
-        }
-        *self.state.lock().unwrap() = Some(next);
-        Ok(())
-    }
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-}
-
-impl CudaCheckpointDriver for FakeDriver {
-    fn name(&self) -> &str {
-        "fake"
-    }
-    fn state(&self, _pid: i32) -> Result<CudaProcessState, GpuError> {
-        Ok(self.state.lock().unwrap().unwrap_or(CudaProcessState::Running))
-    }
-    fn lock(&self, pid: i32, timeout: Duration) -> Result<(), GpuError> {
-        assert_eq!(timeout, Duration::from_secs(5));
-        self.step("lock", pid, CudaProcessState::Locked)
-    }
-    fn checkpoint(&self, pid: i32) -> Result<(), GpuError> {
-        self.step("checkpoint", pid, CudaProcessState::Checkpointed)
-    }
-    fn restore(&self, pid: i32, _pairs: &[GpuPair]) -> Result<(), GpuError> {
-        self.step("restore", pid, CudaProcessState::Locked)
-    }
-    fn unlock(&self, pid: i32) -> Result<(), GpuError> {
-        self.step("unlock", pid, CudaProcessState::Running)
-    }
-}
-
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A fake driver that checks every lock is bounded by [`LOCK_TIMEOUT`].
+fn fake_driver() -> FakeDriver {
+    FakeDriver::default().expecting_lock_timeout(LOCK_TIMEOUT)
+}
 
 fn start(dir: &Path) -> (i32, std::path::PathBuf) {
     become_subreaper();
@@ -76,7 +33,7 @@ fn start(dir: &Path) -> (i32, std::path::PathBuf) {
 fn checkpoint_and_restore_run_the_gpu_steps_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let (pid, state) = start(dir.path());
-    let driver = FakeDriver::default();
+    let driver = fake_driver();
     let criu = Criu::from_path();
     let images = dir.path().join("images");
     checkpoint_gpu_process(&driver, &criu, pid, &[pid], &images, &CheckpointOptions::default(), LOCK_TIMEOUT).unwrap();
@@ -95,7 +52,7 @@ fn checkpoint_and_restore_run_the_gpu_steps_in_order() {
 fn leave_running_restores_and_unlocks_after_the_dump() {
     let dir = tempfile::tempdir().unwrap();
     let (pid, _state) = start(dir.path());
-    let driver = FakeDriver::default();
+    let driver = fake_driver();
     let opts = CheckpointOptions { leave_running: true, ..Default::default() };
     checkpoint_gpu_process(&driver, &Criu::from_path(), pid, &[pid], &dir.path().join("i"), &opts, LOCK_TIMEOUT)
         .unwrap();
@@ -112,7 +69,7 @@ fn every_failure_rolls_back_and_the_process_keeps_running() {
     {
         let dir = tempfile::tempdir().unwrap();
         let (pid, state) = start(dir.path());
-        let driver = FakeDriver::failing(fail);
+        let driver = fake_driver().failing(fail);
         let err = checkpoint_gpu_process(
             &driver,
             &Criu::from_path(),
@@ -142,7 +99,7 @@ fn criu_failure_after_the_gpu_checkpoint_restores_gpu_state() {
     let mut child = Command::new(WORKLOAD).arg(&state).arg("1").spawn().unwrap();
     let pid = child.id() as i32;
     WorkloadState::wait_past(&state, 2).unwrap();
-    let driver = FakeDriver::default();
+    let driver = fake_driver();
     let err = checkpoint_gpu_process(
         &driver,
         &Criu::from_path(),
@@ -169,7 +126,7 @@ fn failed_gpu_restore_kills_the_restored_tree_and_keeps_the_images() {
     let (pid, _state) = start(dir.path());
     let criu = Criu::from_path();
     let images = dir.path().join("images");
-    let driver = FakeDriver::failing("restore");
+    let driver = fake_driver().failing("restore");
     checkpoint_gpu_process(&driver, &criu, pid, &[pid], &images, &CheckpointOptions::default(), LOCK_TIMEOUT).unwrap();
     kill_and_reap(pid);
     let err = restore_gpu_process(&driver, &criu, &images, &RestoreOptions::default(), &[]).unwrap_err();

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use checkpoint_core::{
-    checkpoint_container, restore_container, CheckpointOptions, ContainerRestore, Criu, Error, RestoreIo,
+    checkpoint_container, restore_container, CheckpointOptions, ChildStdio, ContainerRestore, Criu, Error,
     RestoreOptions, Runc,
 };
 use kybernate_tests::{busybox_bundle, read_counter, wait_counter_past, RuncContainer, COUNTER_SCRIPT};
@@ -51,7 +51,7 @@ fn container_is_checkpointed_and_restored_with_its_state() {
         console_socket: None,
         no_pivot: false,
     };
-    let restored = restore_container(&runc, &criu, &req, RestoreIo::default()).unwrap();
+    let restored = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap();
     let restored = RuncContainer::adopt(runc.root().unwrap(), "ck-restore", &container.bundle, restored.pid);
     assert_eq!(restored.status().as_deref(), Some("running"));
     let after = wait_counter_past(&container.bundle, stopped_at).unwrap();
@@ -154,9 +154,88 @@ fn restore_of_a_corrupt_image_fails_and_leaves_nothing_behind() {
         console_socket: None,
         no_pivot: false,
     };
-    let err = restore_container(&runc, &criu, &req, RestoreIo::default()).unwrap_err();
+    let err = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Runc { action: "restore", .. }), "{text}");
     assert!(text.contains("was not restored") && text.contains("restore.log"), "{text}");
     assert_eq!(runc.state("ck-corrupt").unwrap(), None, "no half-created container is left");
+}
+
+/// The one runc client passes runc's global flags to every command it runs, checkpoint and restore
+/// included. Where systemd manages cgroups (`/run/systemd/system` exists) the flag reaches runc as it
+/// is; this machine runs no systemd, so a wrapper records each command line and drops
+/// `--systemd-cgroup` before running the real runc, which then checkpoints and restores for real.
+#[test]
+fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() {
+    use checkpoint_core::bundle::{BundleLayout, ContainerIdentity, Durability};
+    use checkpoint_core::{
+        checkpoint_container_bundle, open_container_bundle, restore_container_bundle, ContainerCheckpoint, OpenOptions,
+        RestoreTarget,
+    };
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, container) = start(dir.path(), "ck-systemd");
+    let calls = dir.path().join("runc-calls");
+    let wrapper = dir.path().join("runc-wrapper");
+    let script = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"$*\" >> {calls}\n[ -d /run/systemd/system ] && exec {real} \"$@\"\n\
+         for a; do shift; [ \"$a\" = --systemd-cgroup ] || set -- \"$@\" \"$a\"; done\nexec {real} \"$@\"\n",
+        calls = calls.display(),
+        real = Runc::default().binary().display()
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.path().join("runc-log.json");
+    let runc = Runc::new(&wrapper, plain.root().map(Path::to_path_buf)).with_systemd_cgroup(true).with_log(&log);
+    let criu = Criu::from_path();
+
+    let bundle_dir = dir.path().join("bundle-systemd");
+    let request = ContainerCheckpoint {
+        id: container.id.clone(),
+        spec: container.bundle.join("config.json"),
+        upperdir: None,
+        identity: ContainerIdentity {
+            namespace: "t".into(),
+            name: "ck-systemd".into(),
+            id: "ck-systemd".into(),
+            ..Default::default()
+        },
+        runtime: "kybernate-tests".into(),
+        gpu: None,
+        layout: BundleLayout::Archive,
+        durability: Durability::Synced,
+    };
+    let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
+    checkpoint_container_bundle(&runc, &criu, &bundle_dir, &request, &opts).unwrap();
+    let stopped_at = read_counter(&container.bundle).unwrap();
+    container.delete();
+
+    let no_gpu = || Err("no GPU here".to_string());
+    let open = OpenOptions { accept_unsealed: false, gpu: &no_gpu, gpu_match: Default::default() };
+    let opened = open_container_bundle(&bundle_dir, &criu, &open).unwrap();
+    let target = RestoreTarget {
+        id: "ck-systemd".into(),
+        bundle: container.bundle.clone(),
+        work_dir: Some(dir.path().join("restore-work")),
+        timeout: Some(std::time::Duration::from_secs(60)),
+        pid_file: None,
+        console_socket: None,
+        no_pivot: false,
+    };
+    let report = restore_container_bundle(&runc, &criu, &opened, &target, ChildStdio::default()).unwrap();
+    let restored = RuncContainer::adopt(plain.root().unwrap(), "ck-systemd", &container.bundle, report.pid);
+    assert_eq!(restored.status().as_deref(), Some("running"));
+    wait_counter_past(&container.bundle, stopped_at).unwrap();
+
+    let lines: Vec<String> = std::fs::read_to_string(&calls).unwrap().lines().map(str::to_string).collect();
+    let global = format!("--log {} --log-format json --systemd-cgroup", log.display());
+    for sub in [" checkpoint ", " restore "] {
+        assert!(lines.iter().any(|l| l.contains(sub)), "no runc{sub}call: {lines:#?}");
+    }
+    for line in &lines {
+        if !line.starts_with("--version") {
+            assert!(line.contains(&global), "runc ran without its global flags: {line}");
+        }
+    }
 }

@@ -267,4 +267,3 @@ fn checkpoint_container_gpu(
     })?;
     Ok((report, Some(section)))
 }
-

@@ -160,7 +160,11 @@ pub fn restore_container_bundle(
         id: target.id.clone(),
         bundle: target.bundle.clone(),
         image_dir: bundle.image_dir(),
-        options: RestoreOptions { work_dir: target.work_dir.clone(), timeout: target.timeout, flags: bundle.flags.clone() },
+        options: RestoreOptions {
+            work_dir: target.work_dir.clone(),
+            timeout: target.timeout,
+            flags: bundle.flags.clone(),
+        },
         pid_file: target.pid_file.clone(),
         console_socket: target.console_socket.clone(),
         no_pivot: target.no_pivot,

@@ -132,10 +132,8 @@ impl Criu {
     }
 
     fn output(&self, args: &[&str]) -> Result<std::process::Output> {
-        self.spawner.output(self.command().args(args).stdin(std::process::Stdio::null())).map_err(|source| Error::CriuMissing {
-            path: self.binary.clone(),
-            min_version: MIN_CRIU_VERSION.to_string(),
-            source,
+        self.spawner.output(self.command().args(args).stdin(std::process::Stdio::null())).map_err(|source| {
+            Error::CriuMissing { path: self.binary.clone(), min_version: MIN_CRIU_VERSION.to_string(), source }
         })
     }
 

@@ -24,7 +24,6 @@ pub use compat::{
 };
 pub(crate) use context::ns_pid;
 pub use context::{GpuContext, GpuRestorePlan};
-pub(crate) use orchestrate::{dump_with_backend, gpu_error};
 pub use criu_plugin::{
     select_backend, BackendError, BackendProbe, CriuPluginDir, GpuBackend, GpuBackendChoice, NodeProbe,
     PluginDirSource, CRIU_DEFAULT_PLUGIN_DIR, CRIU_LIBS_DIR_ENV, CUDA_PLUGIN,
@@ -36,6 +35,7 @@ pub use discovery::{
 pub use driver_api::DriverApi;
 pub use nvml::{NvmlInventory, NVML_LIBRARY};
 pub use orchestrate::{checkpoint_gpu_process, checkpoint_with_backend, restore_gpu_process, restore_with_backend};
+pub(crate) use orchestrate::{dump_with_backend, gpu_error};
 
 pub use crate::error::GpuStep;
 

@@ -67,7 +67,9 @@ pub fn checkpoint_container(
     }
     cmd.arg(id);
     let offset = runc.log_offset();
-    runc.spawner().run(cmd, opts.timeout, true).map_err(|failure| failed(runc, id, &work_dir, failure, offset, was_paused))?;
+    runc.spawner()
+        .run(cmd, opts.timeout, true)
+        .map_err(|failure| failed(runc, id, &work_dir, failure, offset, was_paused))?;
     ImageManifest::record(image_dir)?.write(image_dir)?;
     let report =
         CheckpointReport::collect(image_dir, &work_dir, work_dir.join("dump.log"), started.elapsed(), version)?;

@@ -326,9 +326,8 @@ mod tests {
 
     #[test]
     fn every_command_carries_the_global_flags() {
-        let runc = Runc::new("/usr/bin/runc", Some("/run/r/ns".into()))
-            .with_log("/b/log.json")
-            .with_systemd_cgroup(true);
+        let runc =
+            Runc::new("/usr/bin/runc", Some("/run/r/ns".into())).with_log("/b/log.json").with_systemd_cgroup(true);
         assert_eq!(
             args(&runc.command(None)),
             ["--root", "/run/r/ns", "--log", "/b/log.json", "--log-format", "json", "--systemd-cgroup"]
@@ -341,9 +340,12 @@ mod tests {
             ["--log", "/w/runc.log", "--log-format", "json"]
         );
         let criu = Criu::new("/opt/criu/sbin/criu");
-        let path = runc.command(Some(&criu)).get_envs().find(|(k, _)| *k == "PATH").and_then(|(_, v)| v).map(|v| {
-            v.to_string_lossy().into_owned()
-        });
+        let path = runc
+            .command(Some(&criu))
+            .get_envs()
+            .find(|(k, _)| *k == "PATH")
+            .and_then(|(_, v)| v)
+            .map(|v| v.to_string_lossy().into_owned());
         assert!(path.is_some_and(|p| p.starts_with("/opt/criu/sbin:")));
     }
 }

@@ -108,6 +108,36 @@ fn push_pull_ls_rm_gc_with_the_filesystem_store() {
     assert!(out.starts_with("shipped"), "{out}");
 }
 
+/// `pull` takes a path relative to the working directory, runs the manifest pass by default and
+/// skips it with `--skip-manifest-check` (as the shim calls it).
+#[test]
+fn pull_relative_reference_and_skip_manifest_check() {
+    let ckpt = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", store_dir.path().display());
+    let r = "team/web-0/app/2024-04-01T08:00:00Z";
+    let bundle = make_bundle(ckpt.path(), r, 256 << 10, 700, true);
+    std::fs::write(bundle.join("spec.dump"), b"altered after the seal").unwrap();
+    ok(sidecar(ckpt.path(), &store).arg("push").arg(&bundle));
+    let relative = format!("{r}.tar.zst");
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("restored");
+
+    let err = fails(sidecar(ckpt.path(), &store).current_dir(store_dir.path()).args(["pull", &relative]).arg(&target));
+    assert!(err.contains("does not verify"), "{err}");
+    assert!(!target.exists());
+    let out = ok(sidecar(ckpt.path(), &store)
+        .current_dir(store_dir.path())
+        .args(["pull", "--skip-manifest-check", &relative])
+        .arg(&target));
+    assert_eq!(out.trim(), target.display().to_string());
+    assert_eq!(tree(&target), tree(&bundle));
+
+    // A path that names nothing is said to name nothing.
+    let err = fails(sidecar(ckpt.path(), &store).current_dir(store_dir.path()).args(["pull", "missing.tar", "x"]));
+    assert!(err.contains("neither a bundle directory nor an archive file"), "{err}");
+}
+
 #[test]
 fn s3_with_credentials_from_the_environment() {
     let server = S3Server::start();

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checkpoint_core::bundle;
+use checkpoint_core::reference::BundleRef;
 use kybernate_sidecar::archive::{ArchiveOptions, Compression, Progress};
+use kybernate_sidecar::parse_reference;
 use kybernate_sidecar::retry::RetryPolicy;
 use kybernate_sidecar::ship::{ShipOptions, StateDir};
 use kybernate_sidecar::store::{S3Options, StaticCredentials};
@@ -59,6 +61,11 @@ pub fn mark_complete(dir: &Path) {
     let host = bundle::HostInfo::current("4.1.1".into(), Some("1.1.5".into()));
     let identity = bundle::ContainerIdentity { namespace: "k8s.io".into(), name: "app".into(), ..Default::default() };
     bundle::seal(dir, bundle::Manifest::new(host, identity)).unwrap();
+}
+
+/// A bundle reference that must parse.
+pub fn bundle_ref(reference: &str) -> BundleRef {
+    parse_reference(reference).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Every entry of a tree: relative path → (kind, mode, content sha256 or link target).

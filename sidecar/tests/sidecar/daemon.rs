@@ -112,7 +112,7 @@ async fn assert_store_matches(store_dir: &Path, ckpt: &Path, rels: &[String]) {
     for r in rels {
         let dest = tempfile::tempdir().unwrap();
         let reference = format!("file://{}/{r}.tar.zst", store_dir.display());
-        let got = fetch_bundle(&reference, dest.path(), &FetchOptions::default()).await.unwrap();
+        let got = fetch_bundle(&bundle_ref(&reference), dest.path(), &FetchOptions::default()).await.unwrap();
         assert_eq!(tree(&got), tree(&ckpt.join(r)), "{r}");
     }
 }

@@ -10,7 +10,7 @@ use kybernate_sidecar::store::{ObjectMeta, META_FORMAT};
 use kybernate_sidecar::Error;
 use sha2::{Digest, Sha256};
 
-use crate::common::listing;
+use crate::common::{bundle_ref, listing};
 
 /// Builds tar archives byte by byte, so that entries no well-behaved writer would produce can be
 /// expressed.
@@ -258,8 +258,9 @@ async fn fetch_refuses_a_hostile_object_with_a_valid_record() {
     };
     std::fs::write(format!("{}.meta.json", path.display()), meta.to_json()).unwrap();
 
-    let err =
-        fetch_bundle(&format!("file://{}", path.display()), node.path(), &FetchOptions::default()).await.unwrap_err();
+    let err = fetch_bundle(&bundle_ref(&format!("file://{}", path.display())), node.path(), &FetchOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::UnsafeArchive { .. }), "{err:?}");
     // Without a bundle label the bundle would have gone to node/<file stem>: nothing is there.
     assert!(listing(node.path()).is_empty(), "{:?}", listing(node.path()));

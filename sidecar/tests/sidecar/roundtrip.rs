@@ -53,13 +53,13 @@ async fn round_trip(
 
     // Pull back into a node checkpoint directory: same layout, same bytes, same modes.
     let dest_root = tempfile::tempdir().unwrap();
-    let got = fetch_bundle(&reference(&object.key), dest_root.path(), &fetch).await.unwrap();
+    let got = fetch_bundle(&bundle_ref(&reference(&object.key)), dest_root.path(), &fetch).await.unwrap();
     assert_eq!(got, dest_root.path().join(REL));
     assert_eq!(tree(&got), before, "pulled bundle differs from the original");
     assert_eq!(tree(&bundle), before, "the local bundle must be kept as it was");
     assert_no_temp_files(dest_root.path());
     // Fetching again reuses the complete bundle already there.
-    let again = fetch_bundle(&reference(&object.key), dest_root.path(), &fetch).await.unwrap();
+    let again = fetch_bundle(&bundle_ref(&reference(&object.key)), dest_root.path(), &fetch).await.unwrap();
     assert_eq!(again, got);
 
     // Delete: gone from the listing, and deleting twice says so.
@@ -126,14 +126,16 @@ fn blocking_fetch_and_local_references() {
 
     let dest = tempfile::tempdir().unwrap();
     let reference = format!("file://{}/{}", store_dir.path().display(), object.key);
-    let got = fetch_bundle_blocking(&reference, dest.path(), &FetchOptions::default()).unwrap();
+    let got = fetch_bundle_blocking(&bundle_ref(&reference), dest.path(), &FetchOptions::default()).unwrap();
     assert_eq!(tree(&got), tree(&bundle));
 
     // A local bundle directory is used in place; an incomplete one is refused.
-    let local = fetch_bundle_blocking(bundle.to_str().unwrap(), dest.path(), &FetchOptions::default()).unwrap();
+    let local =
+        fetch_bundle_blocking(&bundle_ref(bundle.to_str().unwrap()), dest.path(), &FetchOptions::default()).unwrap();
     assert_eq!(local, bundle);
     let partial = make_bundle(ckpt.path(), "ns/p/c/2024-01-01T00:00:00Z", 1000, 4, false);
-    let err = fetch_bundle_blocking(partial.to_str().unwrap(), dest.path(), &FetchOptions::default()).unwrap_err();
+    let err = fetch_bundle_blocking(&bundle_ref(partial.to_str().unwrap()), dest.path(), &FetchOptions::default())
+        .unwrap_err();
     assert!(matches!(err, Error::NotComplete { .. }), "{err}");
 }
 
@@ -171,10 +173,41 @@ async fn incomplete_bundle_is_never_shipped_nor_restored() {
         .unwrap();
     let dest = tempfile::tempdir().unwrap();
     let reference = format!("file://{}/{key}", store_dir.path().display());
-    let err = fetch_bundle(&reference, dest.path(), &FetchOptions::default()).await.unwrap_err();
+    let err = fetch_bundle(&bundle_ref(&reference), dest.path(), &FetchOptions::default()).await.unwrap_err();
     assert!(matches!(err, Error::NotComplete { .. }), "{err}");
     assert!(listing(dest.path()).iter().all(|p| !p.contains("incomplete")), "{:?}", listing(dest.path()));
     assert!(!dest.path().join("ns/pod/ctr/incomplete").exists());
+}
+
+/// The manifest pass refuses a bundle altered after it was sealed; `skip_manifest_check` (the shim's
+/// `pull --skip-manifest-check`, which verifies the manifest itself) publishes it without that pass,
+/// the transport checksum still checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_pass_refuses_a_tampered_bundle_unless_skipped() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let ckpt = tempfile::tempdir().unwrap();
+    let store = FsStore::new(store_dir.path().to_path_buf());
+    let bundle = make_bundle(ckpt.path(), REL, MIB, 11, true);
+    std::fs::write(bundle.join("config.dump"), b"altered after the seal").unwrap();
+    let ShipOutcome::Shipped { object, .. } =
+        ship_bundle(&store, &bundle, REL, &ship_opts(ckpt.path(), Compression::Zstd)).await.unwrap()
+    else {
+        panic!("expected a fresh upload")
+    };
+    let reference = bundle_ref(&format!("file://{}/{}", store_dir.path().display(), object.key));
+
+    let dest = tempfile::tempdir().unwrap();
+    let err = fetch_bundle(&reference, dest.path(), &FetchOptions::default()).await.unwrap_err();
+    assert!(matches!(err, Error::BundleInvalid { .. }), "{err:?}");
+    assert!(err.to_string().contains("does not verify"), "{err}");
+    assert!(!dest.path().join(REL).exists(), "nothing published");
+    assert_no_temp_files(dest.path());
+
+    let skip = FetchOptions { skip_manifest_check: true, ..FetchOptions::default() };
+    let got = fetch_bundle(&reference, dest.path(), &skip).await.unwrap();
+    assert_eq!(got, dest.path().join(REL));
+    assert_eq!(tree(&got), tree(&bundle), "published as stored, without the manifest pass");
+    assert!(checkpoint_core::bundle::verify(&got).is_err(), "left for the caller's own verification to refuse");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,7 +53,7 @@ async fn advance_until_parts(gate: &Gate, resume: &std::path::Path, min_parts: u
 async fn assert_pulls_identical(server: &S3Server, key: &str, original: &std::path::Path) {
     let dest = tempfile::tempdir().unwrap();
     let fetch = FetchOptions { s3: server.options(SECRET_KEY), ..FetchOptions::default() };
-    let got = fetch_bundle(&format!("s3://{BUCKET}/{key}"), dest.path(), &fetch).await.unwrap();
+    let got = fetch_bundle(&bundle_ref(&format!("s3://{BUCKET}/{key}")), dest.path(), &fetch).await.unwrap();
     assert_eq!(tree(&got), tree(original));
 }
 
@@ -204,7 +204,7 @@ async fn corrupted_object_is_rejected_fs_and_s3() {
     ];
     for (reference, fetch) in cases {
         let dest = tempfile::tempdir().unwrap();
-        let err = fetch_bundle(&reference, dest.path(), &fetch).await.unwrap_err();
+        let err = fetch_bundle(&bundle_ref(&reference), dest.path(), &fetch).await.unwrap_err();
         assert!(matches!(err, Error::Integrity { what: "sha256", .. }), "{reference}: {err:?}");
         assert!(err.to_string().contains("corrupt"), "{err}");
         assert!(listing(dest.path()).iter().all(|p| !p.contains("worker/")), "{:?}", listing(dest.path()));
@@ -219,9 +219,10 @@ async fn corrupted_object_is_rejected_fs_and_s3() {
     let data = std::fs::read(&fs_file).unwrap();
     std::fs::write(&fs_file, &data[..data.len() - 1000]).unwrap();
     let dest = tempfile::tempdir().unwrap();
-    let err = fetch_bundle(&format!("file://{}", fs_file.display()), dest.path(), &FetchOptions::default())
-        .await
-        .unwrap_err();
+    let err =
+        fetch_bundle(&bundle_ref(&format!("file://{}", fs_file.display())), dest.path(), &FetchOptions::default())
+            .await
+            .unwrap_err();
     assert!(matches!(err, Error::Integrity { .. } | Error::Transfer { .. }), "{err:?}");
     assert!(!dest.path().join(REL).exists());
 }

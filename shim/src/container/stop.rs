@@ -1,0 +1,112 @@
+//! Checkpoint on stop: when an opted-in container's init process is sent a stop signal (what CRI
+//! StopContainer and `ctr t kill` send), the container is checkpointed into the node checkpoint
+//! directory before it exits, and containerd is told it stopped on that signal.
+//!
+//! The Kill request returns once the bundle is sealed (so CRI's grace period starts after the
+//! checkpoint). A checkpoint that fails or runs past the configured budget is abandoned: CRIU leaves
+//! the container running (a frozen one is thawed), the bundle is emptied and marked `FAILED`, the
+//! failure is logged, and the stop signal is delivered as if Kybernate were not there.
+//!
+//! On a node with NVML, the container's processes that use a GPU are locked and their GPU state
+//! checkpointed around the dump by the configured `gpu_backend` (rolled back on failure), and the
+//! bundle's manifest describes the GPUs; see `docs/gpu.md`.
+
+use std::time::SystemTime;
+
+use checkpoint_core::bundle::{bundle_dir, BundleLayout, Durability};
+use checkpoint_core::{checkpoint_container_bundle, CheckpointOptions, ContainerCheckpoint};
+
+use super::state::Container;
+use crate::annotations::{CONTAINER_NAME, POD_NAME, POD_NAMESPACE};
+use crate::events::TaskEvent;
+use crate::task::TaskStatus;
+use crate::RUNTIME_ID;
+
+/// The signals that mean "stop" (SIGKILL never waits for a checkpoint).
+const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
+
+/// Whether `signal` asks the container to stop (and so triggers a checkpoint on stop).
+pub fn is_stop_signal(signal: u32) -> bool {
+    STOP_SIGNALS.contains(&(signal as i32))
+}
+
+impl Container {
+    /// Checkpoints the running container into a new bundle before it stops on `signal`. Returns
+    /// whether it did: then the container is gone and its exit is reported as `128 + signal`.
+    /// Otherwise (not running, or the checkpoint failed) the caller delivers the signal.
+    pub fn checkpoint_before_stop(&self, signal: u32) -> bool {
+        let _ops = self.ops();
+        if self.procs().init.status != TaskStatus::Running || !self.procs().init.is_alive() {
+            return false;
+        }
+        let pod = self.spec.annotation(POD_NAME).unwrap_or(&self.id);
+        let namespace = self.spec.annotation(POD_NAMESPACE).unwrap_or(&self.namespace);
+        let name = self.spec.annotation(CONTAINER_NAME).unwrap_or(&self.id);
+        let dir = match bundle_dir(&self.config.checkpoint_dir, namespace, pod, name, SystemTime::now()) {
+            Ok(dir) => dir,
+            Err(e) => {
+                tracing::warn!(id = %self.id, error = %e, "no checkpoint on stop: the bundle cannot be named");
+                return false;
+            }
+        };
+        let work_dir = self.criu_work_dir("stop");
+        let _ = std::fs::remove_dir_all(&work_dir);
+        let opts = CheckpointOptions {
+            leave_running: false,
+            work_dir: Some(work_dir),
+            timeout: Some(self.config.checkpoint_budget()),
+            ..Default::default()
+        };
+        tracing::info!(id = %self.id, signal, bundle = %dir.display(), "checkpointing before stop");
+        *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal);
+        let result = {
+            let container = ContainerCheckpoint {
+                id: self.id.clone(),
+                spec: self.bundle.join("config.json"),
+                upperdir: self.upperdir.clone(),
+                identity: self.identity(),
+                runtime: RUNTIME_ID.to_string(),
+                gpu: self.gpu_context(),
+                layout: BundleLayout::Archive,
+                durability: Durability::Synced,
+            };
+            checkpoint_container_bundle(&self.runc, &self.criu, &dir, &container, &opts)
+        };
+        match result {
+            Ok(report) => {
+                self.events.send(TaskEvent::Checkpointed {
+                    container_id: self.id.clone(),
+                    checkpoint: dir.display().to_string(),
+                });
+                tracing::info!(
+                    id = %self.id,
+                    bundle = %dir.display(),
+                    frozen_ms = report.checkpoint.timings.frozen.as_millis() as u64,
+                    dump_ms = report.checkpoint.timings.total.as_millis() as u64,
+                    rootfs_ms = report.rootfs_time.as_millis() as u64,
+                    seal_ms = report.seal_time.as_millis() as u64,
+                    total_ms = report.total.as_millis() as u64,
+                    bytes = report.checkpoint.image_bytes,
+                    "checkpointed on stop"
+                );
+                true
+            }
+            Err(e) => {
+                // Only a container runc no longer knows is gone (CRIU finished the dump, then something
+                // failed); when in doubt the stop signal is delivered, so the container still stops.
+                let gone = matches!(self.runc.state(&self.id), Ok(None));
+                if !gone {
+                    *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                tracing::warn!(
+                    id = %self.id,
+                    bundle = %dir.display(),
+                    error = %e,
+                    container_gone = gone,
+                    "checkpoint on stop failed; the bundle is marked FAILED and the container stops without it"
+                );
+                gone
+            }
+        }
+    }
+}
