@@ -27,8 +27,8 @@ use k8s_cri::v1::{
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{
-    busybox_oci_image_running, kybernate_shim_binary, wait_for, Containerd, ContainerdOptions, BUSYBOX_IMAGE,
-    KYBERNATE_RUNTIME,
+    busybox_oci_image_running, kybernate_shim_binary, kybernate_sidecar_binary, wait_for, Containerd,
+    ContainerdOptions, BUSYBOX_IMAGE, KYBERNATE_RUNTIME,
 };
 
 /// The CRI runtime handler (RuntimeClass handler) that selects Kybernate's shim.
@@ -68,6 +68,10 @@ pub struct Cri {
     pub checkpoint_dir: PathBuf,
     /// Where pods' container logs are written (one directory per pod).
     pub log_dir: PathBuf,
+    /// The sidecar binary; the shim runs it through a wrapper that adds [`Cri::set_sidecar_env`].
+    pub sidecar: PathBuf,
+    /// The environment file the shim's sidecar wrapper sources.
+    sidecar_env: PathBuf,
     /// The Kubernetes namespace of this instance's pods.
     pub k8s_namespace: String,
     runtime: RuntimeServiceClient<Channel>,
@@ -274,14 +278,28 @@ impl Cri {
         for sub in [&checkpoint_dir, &log_dir, &d.join("restore"), &d.join("cni/bin"), &d.join("cni/conf")] {
             fs::create_dir_all(sub)?;
         }
+        // The shim fetches remote bundles with the sidecar; the wrapper gives it the test's store settings.
+        let sidecar = kybernate_sidecar_binary()?;
+        let sidecar_env = d.join("sidecar.env");
+        let wrapper = d.join("kybernate-sidecar");
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\n[ -f {env} ] && . {env}\nexec {bin} \"$@\"\n",
+                env = sidecar_env.display(),
+                bin = sidecar.display()
+            ),
+        )?;
+        fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let options = ContainerdOptions {
             namespace: Some(CRI_NAMESPACE.into()),
             // the path Containerd::start_with gives the shim config
             cri_plugin: Some(cri_plugin_config(&d, &d.join("kybernate.toml"))?),
             shim_config: format!(
-                "checkpoint_dir = {:?}\nrestore_dir = {:?}\n",
+                "checkpoint_dir = {:?}\nrestore_dir = {:?}\nsidecar_binary = {:?}\n",
                 checkpoint_dir.display().to_string(),
-                d.join("restore").display().to_string()
+                d.join("restore").display().to_string(),
+                wrapper.display().to_string()
             ),
         };
         let suffix = d.file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("kt-").to_lowercase();
@@ -310,6 +328,8 @@ impl Cri {
         let cri = Cri {
             checkpoint_dir,
             log_dir,
+            sidecar,
+            sidecar_env,
             k8s_namespace: format!("kt-{suffix}"),
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
@@ -524,6 +544,13 @@ impl Cri {
     /// from the host through the rootfs the shim mounted.
     pub fn container_file(&self, id: &str, path: &str) -> PathBuf {
         self.containerd.bundle(id).join("rootfs").join(path.trim_start_matches('/'))
+    }
+
+    /// Sets the environment of the sidecar the shim runs (e.g. an S3 server's
+    /// [`crate::s3::S3Server::sidecar_env`]).
+    pub fn set_sidecar_env(&self, vars: &[(&str, String)]) -> Result<()> {
+        let text: String = vars.iter().map(|(k, v)| format!("export {k}='{v}'\n")).collect();
+        fs::write(&self.sidecar_env, text).with_context(|| format!("writing {}", self.sidecar_env.display()))
     }
 
     /// The bundle directories checkpoint on stop wrote for `container` of `pod`:

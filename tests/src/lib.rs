@@ -6,6 +6,7 @@
 //! - [`runc`]: containers run directly with runc.
 //! - [`containerd`]: a private containerd with the Kybernate shim, driven with `ctr`.
 //! - [`cri`]: the same with the CRI plugin, and a CRI client.
+//! - [`s3`]: a real S3-compatible server (s3s-fs) on loopback.
 //! - [`tools`]: required host tools, CRIU, commands with a timeout, the shim binary.
 //! - [`gpu_fakes`]: a recording CUDA driver, a GPU inventory and a backend probe (no GPU on CI).
 
@@ -15,6 +16,7 @@ pub mod gpu_fakes;
 pub mod images;
 pub mod process;
 pub mod runc;
+pub mod s3;
 pub mod tools;
 
 pub use containerd::{Containerd, ContainerdOptions, BUSYBOX_IMAGE, KYBERNATE_RUNTIME};
@@ -27,4 +29,7 @@ pub use process::{
     WorkloadState,
 };
 pub use runc::RuncContainer;
-pub use tools::{find_criu, kybernate_shim_binary, require_tools, run_with_timeout, CmdOutput, KYBERNATE_SHIM};
+pub use tools::{
+    find_criu, kybernate_shim_binary, kybernate_sidecar_binary, require_tools, run_with_timeout, CmdOutput,
+    KYBERNATE_SHIM, KYBERNATE_SIDECAR,
+};

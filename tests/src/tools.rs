@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 
 /// The binary containerd starts for [`crate::KYBERNATE_RUNTIME`].
 pub const KYBERNATE_SHIM: &str = "containerd-shim-kybernate-v1";
+/// The sidecar binary, which the shim runs to fetch remote bundles.
+pub const KYBERNATE_SIDECAR: &str = "kybernate-sidecar";
 
 /// Fails (never skips) unless each of `tools` is found on PATH or as an absolute path.
 pub fn require_tools(tools: &[&str]) -> Result<()> {
@@ -100,37 +102,44 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<CmdOutput
 /// the target directory and profile the running test was built with.
 pub fn kybernate_shim_binary() -> Result<PathBuf> {
     static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| build_shim().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow::anyhow!("building {KYBERNATE_SHIM}: {e}"))
+    BUILT.get_or_init(|| build("kybernate-shim", KYBERNATE_SHIM)).clone().map_err(anyhow::Error::msg)
 }
 
-fn build_shim() -> Result<PathBuf> {
-    // <target>/<profile>/deps/<test binary>
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(Path::parent).context("locating the target directory")?;
-    let target_dir = profile_dir.parent().context("locating the target directory")?;
-    let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "kybernate-shim", "--bin", KYBERNATE_SHIM])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
+/// The sidecar binary (`kybernate-sidecar`) of this workspace, built like [`kybernate_shim_binary`].
+pub fn kybernate_sidecar_binary() -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| build("kybernate-sidecar", KYBERNATE_SIDECAR)).clone().map_err(anyhow::Error::msg)
+}
+
+/// `cargo build -p <package> --bin <bin>` into the target directory and profile of the running test.
+fn build(package: &str, bin: &str) -> std::result::Result<PathBuf, String> {
+    let built = || -> Result<PathBuf> {
+        // <target>/<profile>/deps/<test binary>
+        let exe = std::env::current_exe()?;
+        let profile_dir = exe.parent().and_then(Path::parent).context("locating the target directory")?;
+        let target_dir = profile_dir.parent().context("locating the target directory")?;
+        let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
         }
-        other => {
-            cmd.args(["--profile", other]);
+        run_with_timeout(cmd, Duration::from_secs(1200))?.ok(&format!("cargo build -p {package}"))?;
+        let binary = profile_dir.join(bin);
+        if !binary.is_file() {
+            bail!("cargo did not produce {}", binary.display());
         }
-    }
-    run_with_timeout(cmd, Duration::from_secs(1200))?.ok("cargo build -p kybernate-shim")?;
-    let binary = profile_dir.join(KYBERNATE_SHIM);
-    if !binary.is_file() {
-        bail!("cargo did not produce {}", binary.display());
-    }
-    Ok(binary)
+        Ok(binary)
+    };
+    built().map_err(|e| format!("building {bin}: {e:#}"))
 }

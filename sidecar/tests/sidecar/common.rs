@@ -1,10 +1,8 @@
 //! Shared fixtures: bundle builders, tree comparison, and a real S3-compatible server (s3s-fs).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,9 +16,7 @@ use kybernate_sidecar::ship::{ShipOptions, StateDir};
 use kybernate_sidecar::store::{S3Options, StaticCredentials};
 use sha2::{Digest, Sha256};
 
-pub const ACCESS_KEY: &str = "kybernate-test";
-pub const SECRET_KEY: &str = "kybernate-test-secret";
-pub const BUCKET: &str = "bundles";
+pub use kybernate_tests::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 pub const MIB: usize = 1 << 20;
 
 /// Writes a bundle at `root/rel` laid out like the shim's: CRIU images and dumps, sealed (manifest
@@ -184,84 +180,15 @@ pub async fn wait_for_async(what: &str, timeout: Duration, mut cond: impl FnMut(
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn s3s_fs_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("S3S_FS") {
-        return PathBuf::from(p);
-    }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("s3s-fs")).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME")
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string()))
-    {
-        candidates.push(Path::new(&home).join("bin/s3s-fs"));
-    }
-    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!(
-            "s3s-fs is not installed, and the S3 tests need a real S3-compatible server: run \
-             sidecar/scripts/install-s3s-fs.sh (cargo install s3s-fs --version 0.14.1 --features \
-             binary --locked) or set S3S_FS=/path/to/s3s-fs"
-        )
-    })
-}
-
-/// A real s3s-fs server on a free loopback port, serving a temp directory. Killed on drop.
-pub struct S3Server {
-    pub port: u16,
-    pub data: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl S3Server {
-    pub fn start() -> Self {
-        let data = tempfile::tempdir().unwrap();
-        std::fs::create_dir(data.path().join(BUCKET)).unwrap();
-        let mut s = S3Server { port: free_port(), data, child: None };
-        s.restart();
-        s
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server again (same port and data) after [`S3Server::stop`].
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "server already running");
-        let child = Command::new(s3s_fs_binary())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(self.data.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start s3s-fs");
-        self.child = Some(child);
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        wait_for("s3s-fs to accept connections", Duration::from_secs(20), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
-        });
-    }
-
-    /// Kills the server (SIGKILL), as a crash or network loss would.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// The file s3s-fs keeps an object in.
-    pub fn object_file(&self, key: &str) -> PathBuf {
-        self.data.path().join(BUCKET).join(key)
-    }
-
+/// Options for a test S3 server.
+pub trait S3ServerOptions {
     /// Options for this server with the right (or wrong) secret and fast retries.
-    pub fn options(&self, secret: &str) -> S3Options {
+    fn options(&self, secret: &str) -> S3Options;
+}
+
+impl S3ServerOptions for S3Server {
+    /// Options for this server with the right (or wrong) secret and fast retries.
+    fn options(&self, secret: &str) -> S3Options {
         S3Options {
             endpoint: Some(self.endpoint()),
             region: Some("us-east-1".into()),
@@ -276,11 +203,5 @@ impl S3Server {
             attempt_timeout: Duration::from_secs(60),
             credentials: Some(StaticCredentials { access_key_id: ACCESS_KEY.into(), secret_access_key: secret.into() }),
         }
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
