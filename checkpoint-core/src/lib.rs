@@ -9,6 +9,7 @@
 //! - [`criu`] and [`runc`]: the two tools, each with one client ([`Criu`], [`Runc`]) that spawns through
 //!   the embedder's [`SpawnHook`];
 //! - [`gpu`]: the CUDA checkpoint API, GPU discovery and compatibility, no containers;
+//! - [`pod`]: pod checkpoints — which bundle each container of a pod restores;
 //! - [`process`]: checkpoint/restore of a process tree with CRIU;
 //! - [`container`]: a runc container and its bundle in both directions, GPU steps included.
 //!
@@ -37,6 +38,7 @@ mod exec;
 mod fsutil;
 pub mod gpu;
 mod options;
+pub mod pod;
 pub mod process;
 pub mod reference;
 mod report;

@@ -9,9 +9,17 @@ use crate::spec::SpecInfo;
 /// `"true"`: checkpoint the container when it is stopped; `"false"`: never (overrides the config).
 pub const CHECKPOINT_ON_STOP: &str = "kybernate.io/checkpoint-on-stop";
 /// A bundle to restore instead of starting fresh: a local path, `file://…` or `s3://bucket/key`.
+/// On a pod, it names a pod checkpoint (the pod's directory or store prefix, optionally
+/// `#<time>`), in which each container finds its own bundle by name.
 pub const RESTORE_FROM: &str = "kybernate.io/restore-from";
-/// What to do when the bundle cannot be restored: `fail` (default) or `fallback-fresh`.
+/// `kybernate.io/restore-from.<container name>`: the reference for that container alone (a bundle or
+/// a pod checkpoint), or `none` to start it fresh; wins over [`RESTORE_FROM`].
+pub const RESTORE_FROM_CONTAINER_PREFIX: &str = "kybernate.io/restore-from.";
+/// What to do when the bundle cannot be restored: `fail` (default) or `fallback-fresh`; and whether a
+/// container that the pod checkpoint does not cover fails (`fail`, only when set) or starts fresh.
 pub const RESTORE_POLICY: &str = "kybernate.io/restore-policy";
+/// CRI's container type: `sandbox` for the pod's pause container, `container` for the others.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 /// CRI's annotations naming the Kubernetes pod, its namespace, the container and its image.
 pub const POD_NAME: &str = "io.kubernetes.cri.sandbox-name";
@@ -39,19 +47,31 @@ fn parse_bool(key: &str, value: &str) -> Result<bool> {
     }
 }
 
-/// Whether the container checkpoints when stopped: its annotation, else the configuration's default.
+/// Whether this is a pod's sandbox (pause) container, which is never checkpointed or restored: pod
+/// annotations reach it too, but it holds no state and always starts fresh.
+pub fn is_sandbox(spec: &SpecInfo) -> bool {
+    spec.annotation(CONTAINER_TYPE) == Some("sandbox")
+}
+
+/// Whether the container checkpoints when stopped: its annotation, else the configuration's default;
+/// never for a sandbox.
 pub fn checkpoint_on_stop(spec: &SpecInfo, config: &ShimConfig) -> Result<bool> {
+    if is_sandbox(spec) {
+        return Ok(false);
+    }
     match spec.annotation(CHECKPOINT_ON_STOP) {
         Some(value) => parse_bool(CHECKPOINT_ON_STOP, value),
         None => Ok(config.checkpoint_on_stop),
     }
 }
 
-/// The container's restore policy (default [`RestorePolicy::Fail`]).
-pub fn restore_policy(spec: &SpecInfo) -> Result<RestorePolicy> {
+/// The container's restore policy as set; `None` when the annotation is absent (an unusable bundle then
+/// fails the Create, and a container the pod checkpoint does not cover starts fresh).
+pub fn restore_policy(spec: &SpecInfo) -> Result<Option<RestorePolicy>> {
     match spec.annotation(RESTORE_POLICY) {
-        None | Some("fail") => Ok(RestorePolicy::Fail),
-        Some("fallback-fresh") => Ok(RestorePolicy::FallbackFresh),
+        None => Ok(None),
+        Some("fail") => Ok(Some(RestorePolicy::Fail)),
+        Some("fallback-fresh") => Ok(Some(RestorePolicy::FallbackFresh)),
         Some(other) => Err(ShimError::InvalidArgument(format!(
             "annotation {RESTORE_POLICY}={other:?} is not a policy: use \"fail\" or \"fallback-fresh\""
         ))),
@@ -77,14 +97,23 @@ mod tests {
         assert!(checkpoint_on_stop(&spec(&[]), &on).unwrap());
         assert!(checkpoint_on_stop(&spec(&[(CHECKPOINT_ON_STOP, "true")]), &off).unwrap());
         assert!(!checkpoint_on_stop(&spec(&[(CHECKPOINT_ON_STOP, "false")]), &on).unwrap());
+        let sandbox = spec(&[(CHECKPOINT_ON_STOP, "true"), (CONTAINER_TYPE, "sandbox")]);
+        assert!(!checkpoint_on_stop(&sandbox, &on).unwrap(), "a pod's sandbox is never checkpointed");
+        assert!(
+            checkpoint_on_stop(&spec(&[(CHECKPOINT_ON_STOP, "true"), (CONTAINER_TYPE, "container")]), &off).unwrap()
+        );
         let err = checkpoint_on_stop(&spec(&[(CHECKPOINT_ON_STOP, "yes")]), &off).unwrap_err().to_string();
         assert!(err.contains(CHECKPOINT_ON_STOP) && err.contains("\"true\""), "{err}");
     }
 
     #[test]
     fn restore_policy_parses() {
-        assert_eq!(restore_policy(&spec(&[])).unwrap(), RestorePolicy::Fail);
-        assert_eq!(restore_policy(&spec(&[(RESTORE_POLICY, "fallback-fresh")])).unwrap(), RestorePolicy::FallbackFresh);
+        assert_eq!(restore_policy(&spec(&[])).unwrap(), None);
+        assert_eq!(restore_policy(&spec(&[(RESTORE_POLICY, "fail")])).unwrap(), Some(RestorePolicy::Fail));
+        assert_eq!(
+            restore_policy(&spec(&[(RESTORE_POLICY, "fallback-fresh")])).unwrap(),
+            Some(RestorePolicy::FallbackFresh)
+        );
         let err = restore_policy(&spec(&[(RESTORE_POLICY, "retry")])).unwrap_err().to_string();
         assert!(err.contains("fallback-fresh"), "{err}");
     }

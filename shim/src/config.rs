@@ -12,6 +12,7 @@
 //! checkpoint_on_stop = false           # checkpoint every container of this runtime when stopped
 //! checkpoint_dir = "/var/lib/kybernate/checkpoints"  # node checkpoint directory
 //! checkpoint_budget = "2m"             # a checkpoint on stop that takes longer is abandoned
+//! pod_checkpoint_window = "30s"        # stops of a pod's containers this close share a pod checkpoint
 //! restore_dir = "/var/lib/kybernate/restore"  # where remote bundles are fetched for a restore
 //! sidecar_binary = "kybernate-sidecar" # fetches remote bundles (`kybernate-sidecar pull`)
 //! gpu_backend = "auto"                 # auto | driver-api | cuda-checkpoint | criu-plugin | off
@@ -40,6 +41,8 @@ pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
 pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/kybernate/restore";
 /// The time budget of a checkpoint on stop unless the file says otherwise.
 pub const DEFAULT_CHECKPOINT_BUDGET: Duration = Duration::from_secs(120);
+/// How long a pod checkpoint stays open unless the file says otherwise.
+pub const DEFAULT_POD_CHECKPOINT_WINDOW: Duration = Duration::from_secs(30);
 /// Every value `gpu_backend` accepts.
 pub const GPU_BACKENDS: [GpuBackendChoice; 5] = [
     GpuBackendChoice::Auto,
@@ -73,6 +76,9 @@ pub struct ShimConfig {
     /// How long a checkpoint on stop may take (a duration such as `90s` or `2m`); a slower one is
     /// abandoned and the container stops as it would have without Kybernate.
     pub checkpoint_budget: String,
+    /// How long after the first container of a pod is checkpointed on stop the stops of its other
+    /// containers still join that pod checkpoint (share its time); a later stop starts a new one.
+    pub pod_checkpoint_window: String,
     /// Where bundles named by a remote `kybernate.io/restore-from` reference are fetched to.
     pub restore_dir: PathBuf,
     /// The sidecar binary that fetches remote bundles (a bare name is looked up on PATH).
@@ -94,6 +100,7 @@ impl Default for ShimConfig {
             checkpoint_on_stop: false,
             checkpoint_dir: PathBuf::from(checkpoint_core::bundle::DEFAULT_CHECKPOINT_ROOT),
             checkpoint_budget: "2m".into(),
+            pod_checkpoint_window: "30s".into(),
             restore_dir: PathBuf::from(DEFAULT_RESTORE_DIR),
             sidecar_binary: PathBuf::from("kybernate-sidecar"),
             gpu_backend: GpuBackendChoice::Auto.as_str().into(),
@@ -138,6 +145,12 @@ impl ShimConfig {
         humantime::parse_duration(&self.checkpoint_budget).unwrap_or(DEFAULT_CHECKPOINT_BUDGET)
     }
 
+    /// How long a pod checkpoint stays open for the stops of the pod's other containers (validated
+    /// when the file was read).
+    pub fn pod_checkpoint_window(&self) -> Duration {
+        humantime::parse_duration(&self.pod_checkpoint_window).unwrap_or(DEFAULT_POD_CHECKPOINT_WINDOW)
+    }
+
     /// The GPU backend choice (validated when the file was read).
     pub fn gpu_backend(&self) -> GpuBackendChoice {
         GPU_BACKENDS.into_iter().find(|c| c.as_str() == self.gpu_backend).unwrap_or_default()
@@ -167,6 +180,12 @@ impl ShimConfig {
                     self.checkpoint_budget
                 )))
             }
+        }
+        if let Err(e) = humantime::parse_duration(&self.pod_checkpoint_window) {
+            return Err(invalid(format!(
+                "pod_checkpoint_window {:?} is not a duration ({e}); write it like \"30s\"",
+                self.pod_checkpoint_window
+            )));
         }
         for (key, path) in [("checkpoint_dir", &self.checkpoint_dir), ("restore_dir", &self.restore_dir)] {
             if path.is_relative() {
@@ -300,7 +319,15 @@ mod tests {
         }
         let err = ShimConfig::from_toml("gpu_backend = \"nvidia\"", Path::new("x.toml")).unwrap_err().to_string();
         assert!(err.contains("gpu_backend") && err.contains("driver-api, cuda-checkpoint"), "{err}");
-        for bad in ["checkpoint_budget = \"soon\"", "checkpoint_budget = \"0s\"", "restore_dir = \"rel\""] {
+        let config = ShimConfig::from_toml("pod_checkpoint_window = \"5s\"", Path::new("x.toml")).unwrap();
+        assert_eq!(config.pod_checkpoint_window(), Duration::from_secs(5));
+        assert_eq!(ShimConfig::default().pod_checkpoint_window(), DEFAULT_POD_CHECKPOINT_WINDOW);
+        for bad in [
+            "checkpoint_budget = \"soon\"",
+            "checkpoint_budget = \"0s\"",
+            "restore_dir = \"rel\"",
+            "pod_checkpoint_window = \"later\"",
+        ] {
             let err = ShimConfig::from_toml(bad, Path::new("x.toml")).unwrap_err().to_string();
             assert!(err.contains(bad.split(' ').next().unwrap()), "{bad}: {err}");
         }

@@ -161,6 +161,6 @@ fn serve(namespace: &str, exit: Arc<ExitSignal>, publisher: RemotePublisher) -> 
             container.record_exit(pid, status);
         }
     }))?;
-    let runtime = RuncRuntime { namespace: namespace.to_string(), reaper, events };
+    let runtime = RuncRuntime { namespace: namespace.to_string(), reaper, events, pod_checkpoints: Arc::default() };
     Ok(TaskService::new(runtime, containers, exit))
 }

@@ -65,6 +65,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A pod checkpoint holds no bundle of the container asked for.
+    #[error("pod checkpoint `{reference}` does not cover container `{container}`: {detail}")]
+    NotCovered {
+        /// The pod-level reference.
+        reference: String,
+        /// The container name.
+        container: String,
+        /// Which pod checkpoint was taken and what it holds.
+        detail: String,
+    },
+
     /// The configuration is invalid.
     #[error("invalid configuration `{key}`: {reason}")]
     Config {

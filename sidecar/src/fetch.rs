@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use checkpoint_core::bundle::is_complete;
+use checkpoint_core::pod::{self, PodEntry, Selection};
 use checkpoint_core::reference::BundleRef;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -123,6 +124,53 @@ pub async fn open_reference(reference: &BundleRef, s3: &S3Options) -> Result<(Ar
     let store = location.open(s3).await?;
     let info =
         store.head(key).await?.ok_or_else(|| Error::NotFound { location: store.location(), key: key.to_string() })?;
+    Ok((store, info))
+}
+
+/// Opens the store of a pod-level reference (a pod's prefix: `s3://bucket/<ns>/<pod>`, or its
+/// directory in a filesystem store) and finds the archive of `container` in the pod checkpoint at
+/// `at`, or in the newest one (checkpoint-core's [`checkpoint_core::pod::select`], the rule the shim
+/// applies to a node directory). The store's listing under the prefix is the pod's index: every
+/// committed `<container>/<time>.tar[.zst]` object. [`Error::NotCovered`] when the pod checkpoint
+/// holds no bundle of `container`.
+pub async fn open_pod_reference(
+    reference: &BundleRef,
+    container: &str,
+    at: Option<&str>,
+    s3: &S3Options,
+) -> Result<(Arc<dyn Store>, ObjectInfo)> {
+    let (location, prefix) = match reference {
+        BundleRef::LocalDir(dir) => {
+            check_exists(reference, dir)?;
+            (StoreLocation::Fs(dir.clone()), String::new())
+        }
+        BundleRef::S3 { bucket, key } => (
+            StoreLocation::S3 { bucket: bucket.clone(), prefix: String::new() },
+            format!("{}/", key.trim_end_matches('/')),
+        ),
+        BundleRef::FsArchive { .. } => {
+            return Err(invalid(reference, "it names one archive, not a pod's prefix; drop --container"))
+        }
+    };
+    let store = location.open(s3).await?;
+    let objects = store.list(&prefix).await?;
+    let entries: Vec<PodEntry> =
+        objects.iter().filter_map(|o| o.key.strip_prefix(&prefix).and_then(PodEntry::parse)).collect();
+    let chosen = match pod::select(&entries, container, at) {
+        Selection::Covered(entry) => format!("{prefix}{}", entry.rel),
+        Selection::NotCovered { time, containers } => {
+            return Err(Error::NotCovered {
+                reference: reference.to_string(),
+                container: container.to_string(),
+                detail: format!("its pod checkpoint {time} holds bundles of {} only", containers.join(", ")),
+            })
+        }
+        Selection::Empty => {
+            let which = at.map(|t| format!("at {t}")).unwrap_or_else(|| "at all".into());
+            return Err(invalid(reference, format!("the store holds no pod checkpoint {which} under it")));
+        }
+    };
+    let info = objects.into_iter().find(|o| o.key == chosen).expect("the chosen key was listed");
     Ok((store, info))
 }
 

@@ -28,3 +28,7 @@ pub mod store;
 
 pub use error::{Error, Result};
 pub use fetch::{fetch_bundle, fetch_bundle_blocking, parse_reference, FetchOptions};
+
+/// Exit status of `kybernate-sidecar pull --container` when the pod checkpoint does not cover the
+/// container (the shim then starts it fresh, or fails it when `restore-policy: fail` says so).
+pub const NOT_COVERED_EXIT: u8 = 3;

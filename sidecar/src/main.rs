@@ -11,9 +11,10 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use kybernate_sidecar::archive::{content_size, Progress};
 use kybernate_sidecar::config::{FileConfig, Overrides, Settings, DEFAULT_CONFIG_PATH};
 use kybernate_sidecar::daemon::{Daemon, DaemonConfig};
-use kybernate_sidecar::fetch::{fetch_object, open_reference, parse_cli_reference, FetchOptions};
+use kybernate_sidecar::fetch::{fetch_object, open_pod_reference, open_reference, parse_cli_reference, FetchOptions};
 use kybernate_sidecar::gc::{gc, GcPolicy};
 use kybernate_sidecar::ship::{ship_bundle, ShipOptions, ShipOutcome, StateDir};
+use kybernate_sidecar::{Error, NOT_COVERED_EXIT};
 
 #[derive(Parser)]
 #[command(
@@ -47,8 +48,13 @@ enum Command {
     /// Download, verify and extract a bundle to DEST (which must not exist).
     Pull {
         /// file:///path/to/archive, a path to an archive (relative to the working directory or
-        /// absolute), or s3://bucket/key.
+        /// absolute), or s3://bucket/key; with --container, a pod's prefix (s3://bucket/<ns>/<pod>,
+        /// or its directory in a filesystem store), optionally #<time> to pin a pod checkpoint.
         reference: String,
+        /// Take this container's bundle from the pod checkpoint REFERENCE names (the newest one,
+        /// unless it ends in #<time>). Exits with status 3 when the pod checkpoint does not cover it.
+        #[arg(long)]
+        container: Option<String>,
         /// Directory to create.
         dest: PathBuf,
         /// Skip the bundle's manifest pass (re-reading every extracted file to check its sealed
@@ -116,7 +122,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kybernate-sidecar: error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<Error>() {
+                Some(Error::NotCovered { .. }) => ExitCode::from(NOT_COVERED_EXIT),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -144,8 +153,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::resolve(FileConfig::load(&path, required)?, &cli.overrides)?;
     match cli.command {
         Command::Push { bundle, key, force } => push(&settings, &bundle, key, force).await,
-        Command::Pull { reference, dest, skip_manifest_check } => {
-            let (store, info) = open_reference(&parse_cli_reference(&reference)?, &settings.s3).await?;
+        Command::Pull { reference, container, dest, skip_manifest_check } => {
+            let (store, info) = match &container {
+                None => open_reference(&parse_cli_reference(&reference)?, &settings.s3).await?,
+                Some(name) => {
+                    let (reference, at) = checkpoint_core::pod::split_time(&reference);
+                    open_pod_reference(&parse_cli_reference(reference)?, name, at, &settings.s3).await?
+                }
+            };
             let bar = progress_bar(info.meta.size, "pull");
             let opts = FetchOptions {
                 s3: settings.s3.clone(),

@@ -189,3 +189,160 @@ fn cri_restore_of_corrupt_bundle_fails_clearly_or_falls_back() {
     assert_eq!(token.trim(), "fresh", "a fresh start has a fresh writable layer");
     ok(&cri, "removing the fallback pod", cri.remove_pod(&pod));
 }
+
+/// Runs an init container in `pod` as kubelet does before the others: it runs to completion (exit 0).
+fn run_init(cri: &Cri, pod: &Pod) -> String {
+    let id = ok(
+        cri,
+        "creating the init container",
+        cri.create_container(pod, "init", &["sh", "-c", "echo init-ran"], &[], &[]),
+    );
+    ok(cri, "starting the init container", cri.start_container(&id));
+    let status = wait_for("the init container to finish", Duration::from_secs(60), || {
+        let status = cri.container_status(&id).ok()?;
+        (status.state == ContainerState::ContainerExited as i32).then_some(status)
+    });
+    let status = ok(cri, "the init container", status);
+    assert_eq!(status.exit_code, 0, "the init container fails: {status:?}");
+    id
+}
+
+/// A pod opted in with a pod annotation only, as a Kubernetes user writes it: an init container, then
+/// counters `names` (token `token-<name>`), counted past 10, then stopped as kubelet stops a pod (every
+/// container's StopContainer at once, then the sandbox). Returns the pod's checkpoint directory and the
+/// last value each counter logged.
+fn checkpointed_pod(cri: &Cri, names: &[&str]) -> (PathBuf, Vec<u64>) {
+    let pod = ok(cri, "RunPodSandbox", cri.run_pod("pod-src", &[(CHECKPOINT_ON_STOP, "true")]));
+    run_init(cri, &pod);
+    let ids: Vec<String> = names
+        .iter()
+        .map(|name| ok(cri, "running a counter", counter_container(cri, &pod, name, &[], &format!("token-{name}"))))
+        .collect();
+    for id in &ids {
+        ok(cri, "waiting for the counter", cri.wait_counter_past(id, 10));
+    }
+    std::thread::scope(|s| {
+        let stops: Vec<_> = ids.iter().map(|id| s.spawn(|| cri.stop_container(id, CHECKPOINT_GRACE))).collect();
+        for stop in stops {
+            ok(cri, "StopContainer", stop.join().unwrap());
+        }
+    });
+    let mut last = Vec::new();
+    for id in &ids {
+        let status = ok(cri, "ContainerStatus", cri.container_status(id));
+        assert_eq!(status.exit_code, 143, "a checkpointed container exits as if SIGTERM ended it: {status:?}");
+        let values = counter_values(&ok(cri, "reading the log", cri.container_log(id)));
+        last.push(values.into_iter().max().expect("the counter logged"));
+    }
+    ok(cri, "removing the source pod", cri.remove_pod(&pod));
+
+    let dir = cri.checkpoint_dir.join(&pod.namespace).join(&pod.name);
+    let mut covered: Vec<String> =
+        fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    covered.sort();
+    assert_eq!(covered, names, "one bundle per counter; none for the sandbox or the init container");
+    let times: Vec<Vec<PathBuf>> = names.iter().map(|n| cri.bundles(&pod, n)).collect();
+    assert!(times.iter().all(|t| t.len() == 1), "{times:?}");
+    let names_of = |t: &Vec<PathBuf>| t[0].file_name().map(|n| n.to_owned());
+    assert!(times.iter().all(|t| names_of(t) == names_of(&times[0])), "one pod checkpoint, one time: {times:?}");
+    (dir, last)
+}
+
+/// Starts the counters `names` in `pod` and checks each continues from its checkpoint (`last`) with
+/// its source's writable layer.
+fn assert_counters_resume(cri: &Cri, pod: &Pod, names: &[&str], last: &[u64]) {
+    for (name, last) in names.iter().zip(last) {
+        let id = ok(cri, "restoring a counter", counter_container(cri, pod, name, &[], "fresh-start"));
+        let values = first_values(cri, &id);
+        assert!(values[0] > *last, "{name} continues above {last}, where it was checkpointed: {values:?}");
+        let token = fs::read_to_string(cri.container_file(&id, "/state/token")).unwrap();
+        assert_eq!(token.trim(), format!("token-{name}"), "{name}'s writable layer came along");
+    }
+}
+
+#[test]
+fn a_pod_annotation_restores_the_whole_pod_and_its_sandbox_starts_fresh() {
+    let cri = Cri::start().unwrap();
+    let (dir, last) = checkpointed_pod(&cri, &["a", "b"]);
+
+    let reference = dir.display().to_string();
+    let pod = ok(&cri, "RunPodSandbox of the restored pod", cri.run_pod("pod-dst", &[(RESTORE_FROM, &reference)]));
+    // kubelet runs the init container again first; the pod checkpoint does not cover it, so it starts fresh
+    run_init(&cri, &pod);
+    assert_counters_resume(&cri, &pod, &["a", "b"], &last);
+    ok(&cri, "removing the restored pod", cri.remove_pod(&pod));
+}
+
+#[test]
+fn a_container_the_pod_checkpoint_does_not_cover_follows_the_restore_policy() {
+    let cri = Cri::start().unwrap();
+    let (dir, last) = checkpointed_pod(&cri, &["a"]);
+    let reference = dir.display().to_string();
+
+    // By default the uncovered container starts fresh; the covered one resumes.
+    let pod = ok(&cri, "RunPodSandbox", cri.run_pod("pod-partial", &[(RESTORE_FROM, &reference)]));
+    assert_counters_resume(&cri, &pod, &["a"], &last);
+    let extra = ok(&cri, "the uncovered container", counter_container(&cri, &pod, "extra", &[], "extra"));
+    assert_eq!(first_values(&cri, &extra)[0], 1, "a container the pod checkpoint does not cover starts fresh");
+    ok(&cri, "removing the pod", cri.remove_pod(&pod));
+
+    // restore-policy: fail refuses to start it fresh, and says why and what to do.
+    let strict = [(RESTORE_FROM, reference.as_str()), (RESTORE_POLICY, "fail")];
+    let pod = ok(&cri, "RunPodSandbox", cri.run_pod("pod-strict", &strict));
+    let error = counter_container(&cri, &pod, "extra", &[], "extra").expect_err("an uncovered container must fail");
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("holds bundles of a only") && error.contains("kybernate.io/restore-from.extra: none"),
+        "{error}"
+    );
+    ok(&cri, "removing the pod", cri.remove_pod(&pod));
+
+    // ... unless its own restore-from says none.
+    let opt_out =
+        [(RESTORE_FROM, reference.as_str()), (RESTORE_POLICY, "fail"), ("kybernate.io/restore-from.extra", "none")];
+    let pod = ok(&cri, "RunPodSandbox", cri.run_pod("pod-opt-out", &opt_out));
+    let extra = ok(&cri, "the opted-out container", counter_container(&cri, &pod, "extra", &[], "extra"));
+    assert_eq!(first_values(&cri, &extra)[0], 1);
+    assert_counters_resume(&cri, &pod, &["a"], &last);
+    ok(&cri, "removing the pod", cri.remove_pod(&pod));
+}
+
+/// Ships every bundle of the pod checkpoint `dir` to `store` with `kybernate-sidecar push --force`
+/// (the sidecar records a bundle as shipped once, whatever the store).
+fn push_pod(cri: &Cri, dir: &Path, store: &str, env: &[(&str, String)]) {
+    for container in fs::read_dir(dir).unwrap().flatten() {
+        for bundle in fs::read_dir(container.path()).unwrap().flatten() {
+            let out = std::process::Command::new(&cri.sidecar)
+                .arg("--checkpoint-dir")
+                .arg(&cri.checkpoint_dir)
+                .args(["--store", store, "push", "--force"])
+                .arg(bundle.path())
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "push {}: {}", bundle.path().display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+#[test]
+fn a_pod_checkpoint_restores_from_the_filesystem_store_and_from_s3() {
+    let cri = Cri::start().unwrap();
+    let (dir, last) = checkpointed_pod(&cri, &["a", "b"]);
+    let rel = dir.strip_prefix(&cri.checkpoint_dir).unwrap().to_path_buf();
+    let store = tempfile::tempdir().unwrap();
+    push_pod(&cri, &dir, &format!("file://{}", store.path().display()), &[]);
+    let s3 = kybernate_tests::s3::S3Server::start();
+    push_pod(&cri, &dir, &format!("s3://{}", kybernate_tests::s3::BUCKET), &s3.sidecar_env());
+    fs::remove_dir_all(&dir).unwrap();
+    ok(&cri, "the shim's sidecar reaches the S3 server", cri.set_sidecar_env(&s3.sidecar_env()));
+
+    let from_store = store.path().join(&rel).display().to_string();
+    let from_s3 = format!("s3://{}/{}", kybernate_tests::s3::BUCKET, rel.display());
+    for reference in [from_store, from_s3] {
+        let pod = ok(&cri, "RunPodSandbox", cri.run_pod("pod-remote", &[(RESTORE_FROM, &reference)]));
+        run_init(&cri, &pod);
+        assert_counters_resume(&cri, &pod, &["a", "b"], &last);
+        ok(&cri, "removing the pod", cri.remove_pod(&pod));
+    }
+}

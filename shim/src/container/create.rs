@@ -9,6 +9,7 @@ use std::time::Duration;
 use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, Runc, SpawnOpts};
 use containerd_shim::util::{read_pid_from_file, write_options};
 
+use super::pod_checkpoint::PodCheckpoints;
 use super::restore_from;
 use super::state::{Container, CreateFlags, Lifecycle};
 use crate::config::ShimConfig;
@@ -35,6 +36,8 @@ pub struct CreateContext<'a> {
     pub reaper: &'a Arc<Reaper>,
     /// The event sink.
     pub events: &'a Events,
+    /// The shim's pod checkpoints.
+    pub pod_checkpoints: &'a Arc<PodCheckpoints>,
 }
 
 /// Undoes a partial Create unless disarmed.
@@ -166,6 +169,7 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateRequest, prepared: Prepared) 
         rootfs,
         upperdir: overlay_upperdir(&req.rootfs),
         checkpoint_on_stop,
+        pod_checkpoints: Arc::clone(ctx.pod_checkpoints),
         events: Arc::clone(ctx.events),
         restore: Mutex::new(restore.map(Arc::new)),
         stop_status: Mutex::new(None),

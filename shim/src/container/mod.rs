@@ -1,6 +1,7 @@
 //! The containers a shim serves, with runc: one file per operation (`create.rs`, `start.rs`,
 //! `exec.rs`, `kill.rs`, `stop.rs`, `checkpoint.rs`, `control.rs`, `delete.rs`) on the [`Container`]
-//! of `state.rs`, restore-from resolution in `restore_from.rs`, and the [`RuncRuntime`] that plugs
+//! of `state.rs`, restore-from resolution in `restore_from.rs`, the pod checkpoints of checkpoints on
+//! stop in `pod_checkpoint.rs`, and the [`RuncRuntime`] that plugs
 //! them into the task service (`runtime.rs`). Nothing here sees protobuf.
 
 mod checkpoint;
@@ -9,6 +10,7 @@ mod create;
 mod delete;
 mod exec;
 mod kill;
+mod pod_checkpoint;
 mod restore_from;
 mod runtime;
 mod start;
@@ -16,6 +18,7 @@ mod state;
 mod stop;
 
 pub use create::{CreateContext, Prepared, CONSOLE_TIMEOUT, INIT_PID_FILE};
+pub use pod_checkpoint::PodCheckpoints;
 pub use runtime::RuncRuntime;
 pub use state::{Container, CreateFlags, Lifecycle, Processes};
 pub use stop::is_stop_signal;

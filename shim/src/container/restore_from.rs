@@ -1,28 +1,54 @@
-//! Restore on create: a container whose spec carries `kybernate.io/restore-from` is restored from that
-//! bundle instead of started fresh. The reference is read by checkpoint-core's one parser
-//! ([`BundleRef`]): a bundle directory on this node is opened in place; an archive (`s3://bucket/key`,
-//! or a file in a filesystem store) is first fetched into the restore directory by the sidecar
-//! (`kybernate-sidecar pull`: download with its transport checksum, safe extraction). Either way the
-//! bundle is then opened by one checkpoint-core call, which verifies every file's hash — the only
-//! place a fetched bundle is hashed — and checks this node, GPUs included, before the container is
-//! created. When the bundle cannot be used, `kybernate.io/restore-policy` decides between failing the
-//! Create (default) and starting fresh.
+//! Restore on create: a container whose spec carries `kybernate.io/restore-from` (a pod annotation,
+//! which containerd passes to the sandbox and to every container, or a container's own) is restored
+//! instead of started fresh. The pod's sandbox always starts fresh.
+//!
+//! The reference is read by checkpoint-core's one parser ([`BundleRef`]) and names either one bundle
+//! or a pod checkpoint (`checkpoint_core::pod`): the pod's directory on this node or its prefix in a
+//! store, optionally `#<time>`. From a pod checkpoint each container takes the bundle with its own
+//! name (`io.kubernetes.cri.container-name`) in the newest (or named) pod checkpoint; a container it
+//! does not cover (an init container, a container added since) starts fresh, unless
+//! `kybernate.io/restore-policy: fail` is set. `kybernate.io/restore-from.<name>` overrides the
+//! reference for one container (`none`: start fresh).
+//!
+//! An archive in a store is fetched into the restore directory by the sidecar (`kybernate-sidecar
+//! pull`: download with its transport checksum, safe extraction). Either way the bundle is then opened
+//! by one checkpoint-core call, which verifies every file's hash — the only place a fetched bundle is
+//! hashed — and checks this node, GPUs included, before the container is created. When the bundle
+//! cannot be used, `kybernate.io/restore-policy` decides between failing the Create (default) and
+//! starting fresh.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use checkpoint_core::pod::{self, DirKind, Selection};
 use checkpoint_core::reference::BundleRef;
 use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle};
 
-use crate::annotations::{restore_policy, RestorePolicy, RESTORE_FROM, RESTORE_POLICY};
+use crate::annotations::{
+    is_sandbox, restore_policy, RestorePolicy, CONTAINER_NAME, RESTORE_FROM, RESTORE_FROM_CONTAINER_PREFIX,
+    RESTORE_POLICY,
+};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::reaper::Reaper;
 use crate::spec::SpecInfo;
 
-/// The restore the spec asks for, if any, checked and ready; `None` when the spec names no bundle, or
-/// when it cannot be used and the policy is `fallback-fresh`.
+/// Exit status of `kybernate-sidecar pull --container` for a container the pod checkpoint does not
+/// cover (the sidecar's `NOT_COVERED_EXIT`).
+const SIDECAR_NOT_COVERED: i32 = 3;
+
+/// Where a reference led for this container.
+enum Located {
+    /// A bundle directory on this node (fetched or in place).
+    Bundle(PathBuf),
+    /// The pod checkpoint holds no bundle of this container; why, in words.
+    NotCovered(String),
+}
+
+/// The restore the spec asks for, if any, checked and ready; `None` when the spec names no bundle for
+/// this container, when it is the sandbox, or when the bundle cannot be used and the policy says start
+/// fresh.
 pub fn resolve(
     spec: &SpecInfo,
     id: &str,
@@ -30,18 +56,37 @@ pub fn resolve(
     criu: &Criu,
     reaper: &Reaper,
 ) -> Result<Option<RestorableBundle>> {
-    let Some(reference) = spec.annotation(RESTORE_FROM) else { return Ok(None) };
+    let name = spec.annotation(CONTAINER_NAME).unwrap_or(id);
+    let own = format!("{RESTORE_FROM_CONTAINER_PREFIX}{name}");
+    let Some(reference) = spec.annotation(&own).or_else(|| spec.annotation(RESTORE_FROM)) else { return Ok(None) };
+    if is_sandbox(spec) {
+        tracing::debug!(id, reference, "the pod's sandbox starts fresh; its containers restore");
+        return Ok(None);
+    }
+    if reference == "none" {
+        tracing::info!(id, container = name, "{own}: none; starting fresh");
+        return Ok(None);
+    }
     let policy = restore_policy(spec)?;
-    let opened = BundleRef::parse(reference).map_err(ShimError::from).and_then(|parsed| {
-        let dir = match parsed {
-            BundleRef::LocalDir(dir) => dir,
-            remote => fetch(&remote, id, config, reaper)?,
-        };
-        let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
-        let opts = OpenOptions { accept_unsealed: false, gpu: &gpu, gpu_match: Default::default() };
-        Ok(open_container_bundle(&dir, criu, &opts)?)
-    });
-    match (opened, policy) {
+    let opened = match locate(reference, name, id, config, reaper) {
+        Ok(Located::NotCovered(why)) => {
+            if policy != Some(RestorePolicy::Fail) {
+                tracing::info!(id, container = name, reference, reason = %why, "not in the pod checkpoint; starting fresh");
+                return Ok(None);
+            }
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {name} cannot be restored from {reference}: {why}; {RESTORE_POLICY}: fail refuses to start \
+                 it fresh (set {own}: none for a container that is meant to start fresh, such as an init container)"
+            )));
+        }
+        Ok(Located::Bundle(dir)) => {
+            let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
+            let opts = OpenOptions { accept_unsealed: false, gpu: &gpu, gpu_match: Default::default() };
+            open_container_bundle(&dir, criu, &opts).map_err(ShimError::from)
+        }
+        Err(e) => Err(e),
+    };
+    match (opened, policy.unwrap_or(RestorePolicy::Fail)) {
         (Ok(opened), _) => {
             tracing::info!(id, reference, bundle = %opened.dir.display(), gpu = opened.gpu.is_some(), "restoring from bundle");
             Ok(Some(opened))
@@ -57,36 +102,83 @@ pub fn resolve(
     }
 }
 
-/// Fetches a remote bundle with `kybernate-sidecar pull` into a new directory under the restore dir.
-/// The sidecar skips its own manifest pass: the bundle is verified when it is opened, here.
-fn fetch(reference: &BundleRef, id: &str, config: &ShimConfig, reaper: &Reaper) -> Result<PathBuf> {
+/// Follows `reference` to this container's bundle: in place, from a pod checkpoint on this node, or
+/// fetched by the sidecar (one archive, or this container's from a pod checkpoint in a store).
+fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reaper: &Reaper) -> Result<Located> {
+    let (target, at) = pod::split_time(reference);
+    let parsed = BundleRef::parse(target)?;
+    let pod_prefix = match &parsed {
+        BundleRef::LocalDir(dir) => match pod::classify(dir) {
+            DirKind::Bundle if at.is_none() => return Ok(Located::Bundle(dir.clone())),
+            DirKind::Bundle => {
+                return Err(ShimError::InvalidArgument(format!(
+                    "{target} is one bundle; #<time> names a pod checkpoint in a pod's directory"
+                )))
+            }
+            DirKind::NodePod => {
+                let entries = pod::node_entries(dir);
+                return match pod::select(&entries, container, at) {
+                    Selection::Covered(entry) => Ok(Located::Bundle(dir.join(&entry.rel))),
+                    Selection::NotCovered { time, containers } => Ok(Located::NotCovered(format!(
+                        "its pod checkpoint {time} holds bundles of {} only",
+                        containers.join(", ")
+                    ))),
+                    Selection::Empty => Err(ShimError::FailedPrecondition(format!(
+                        "{} holds no sealed pod checkpoint{}",
+                        dir.display(),
+                        at.map(|t| format!(" at {t}")).unwrap_or_default()
+                    ))),
+                };
+            }
+            DirKind::StorePod => true,
+        },
+        BundleRef::FsArchive { .. } => false,
+        BundleRef::S3 { key, .. } => !(key.ends_with(".tar") || key.ends_with(".tar.zst")),
+    };
+    let pod_container = pod_prefix.then_some(container);
+    fetch(&parsed, at, pod_container, id, config, reaper)
+}
+
+/// Fetches a remote bundle with `kybernate-sidecar pull` into a new directory under the restore dir:
+/// one archive, or — with `container` — that container's archive in a pod checkpoint in a store. The
+/// sidecar skips its own manifest pass: the bundle is verified when it is opened.
+fn fetch(
+    reference: &BundleRef,
+    at: Option<&str>,
+    container: Option<&str>,
+    id: &str,
+    config: &ShimConfig,
+    reaper: &Reaper,
+) -> Result<Located> {
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     let dest = config.restore_dir.join(format!("{id}-{stamp}"));
     std::fs::create_dir_all(&config.restore_dir)
         .map_err(|e| ShimError::io(format!("creating restore directory {}", config.restore_dir.display()), e))?;
-    tracing::info!(id, %reference, dest = %dest.display(), "fetching bundle");
+    let mut target = reference.to_string();
+    if let Some(at) = at {
+        target = format!("{target}#{at}");
+    }
+    tracing::info!(id, reference = %target, container, dest = %dest.display(), "fetching bundle");
+    let mut cmd = Command::new(&config.sidecar_binary);
+    cmd.args(["pull", "--skip-manifest-check"]);
+    if let Some(container) = container {
+        cmd.arg("--container").arg(container);
+    }
+    cmd.arg(&target).arg(&dest).stdin(Stdio::null());
     let output = {
         let _guard = reaper.guard();
-        Command::new(&config.sidecar_binary)
-            .args(["pull", "--skip-manifest-check"])
-            .arg(reference.to_string())
-            .arg(&dest)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| {
+        cmd.output().map_err(|e| {
             ShimError::Unavailable(format!(
-                "cannot run {} to fetch {reference}: {e}; install kybernate-sidecar or set sidecar_binary in the shim config",
+                "cannot run {} to fetch {target}: {e}; install kybernate-sidecar or set sidecar_binary in the shim config",
                 config.sidecar_binary.display()
             ))
         })?
     };
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(ShimError::Unavailable(format!(
-            "fetching {reference} failed ({}): {}",
-            output.status,
-            stderr.trim().lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ")
-        )));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let said = stderr.trim().lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
+    match output.status.code() {
+        Some(0) => Ok(Located::Bundle(dest)),
+        Some(SIDECAR_NOT_COVERED) if container.is_some() => Ok(Located::NotCovered(said)),
+        _ => Err(ShimError::Unavailable(format!("fetching {target} failed ({}): {said}", output.status))),
     }
-    Ok(dest)
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::create::{create, prepare, CreateContext, Prepared};
+use super::pod_checkpoint::PodCheckpoints;
 use super::state::Container;
 use crate::error::Result;
 use crate::events::Events;
@@ -20,11 +21,18 @@ pub struct RuncRuntime {
     pub reaper: Arc<Reaper>,
     /// Where the containers' events go.
     pub events: Events,
+    /// The pod checkpoints of checkpoints on stop (one shim serves one pod).
+    pub pod_checkpoints: Arc<PodCheckpoints>,
 }
 
 impl RuncRuntime {
     fn context(&self) -> CreateContext<'_> {
-        CreateContext { namespace: &self.namespace, reaper: &self.reaper, events: &self.events }
+        CreateContext {
+            namespace: &self.namespace,
+            reaper: &self.reaper,
+            events: &self.events,
+            pod_checkpoints: &self.pod_checkpoints,
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use checkpoint_core::bundle::ContainerIdentity;
 use checkpoint_core::gpu::GpuContext;
 use checkpoint_core::{Criu, RestorableBundle, Runc};
 
+use super::pod_checkpoint::PodCheckpoints;
 use crate::annotations::{CONTAINER_NAME, IMAGE_NAME, POD_NAME};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
@@ -91,6 +92,8 @@ pub struct Container {
     pub upperdir: Option<PathBuf>,
     /// Whether a stop signal checkpoints the container first.
     pub checkpoint_on_stop: bool,
+    /// The pod checkpoints of this shim, which checkpoints on stop join.
+    pub pod_checkpoints: Arc<PodCheckpoints>,
     /// Where events go.
     pub events: Events,
     /// The checkpoint to restore at Start, when Create carried one (opened and checked at Create).

@@ -42,7 +42,14 @@ impl Container {
         let pod = self.spec.annotation(POD_NAME).unwrap_or(&self.id);
         let namespace = self.spec.annotation(POD_NAMESPACE).unwrap_or(&self.namespace);
         let name = self.spec.annotation(CONTAINER_NAME).unwrap_or(&self.id);
-        let dir = match bundle_dir(&self.config.checkpoint_dir, namespace, pod, name, SystemTime::now()) {
+        // A pod's containers share the time of the pod checkpoint they join; others take the time now.
+        let at = match self.spec.annotation(POD_NAME) {
+            Some(_) => {
+                self.pod_checkpoints.join(&format!("{namespace}/{pod}"), name, self.config.pod_checkpoint_window())
+            }
+            None => SystemTime::now(),
+        };
+        let dir = match bundle_dir(&self.config.checkpoint_dir, namespace, pod, name, at) {
             Ok(dir) => dir,
             Err(e) => {
                 tracing::warn!(id = %self.id, error = %e, "no checkpoint on stop: the bundle cannot be named");

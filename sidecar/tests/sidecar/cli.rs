@@ -242,3 +242,40 @@ fn daemon_process_survives_sigkill() {
     assert!(m.contains("kybernate_sidecar_bundles_shipped_total 1\n"), "only the new bundle: {m}");
     assert_eq!(ls(ckpt.path(), &store), [format!("{r1}.tar.zst"), format!("{r2}.tar.zst")]);
 }
+
+#[test]
+fn pull_takes_a_containers_bundle_from_the_newest_pod_checkpoint_or_says_it_is_not_covered() {
+    let ckpt = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", store_dir.path().display());
+    let (t1, t2) = ("2026-12-02T01:00:00.000Z", "2026-12-02T02:00:00.000Z");
+    for (rel, seed) in
+        [(format!("ns/web/app/{t1}"), 1), (format!("ns/web/side/{t1}"), 2), (format!("ns/web/app/{t2}"), 3)]
+    {
+        let dir = make_bundle(ckpt.path(), &rel, 64 << 10, seed, true);
+        ok(sidecar(ckpt.path(), &store).arg("push").arg(&dir));
+    }
+    let pod = store_dir.path().join("ns/web").display().to_string();
+    let pulled = |container: &str, reference: &str, dest: &Path| {
+        run(sidecar(ckpt.path(), &store).args(["pull", "--container", container, reference]).arg(dest))
+    };
+
+    let dest = ckpt.path().join("restore-app");
+    let out = pulled("app", &pod, &dest);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tree(&dest), tree(&ckpt.path().join(format!("ns/web/app/{t2}"))), "the newest pod checkpoint's bundle");
+
+    // the newest pod checkpoint holds app only: side is not covered (exit 3), unless t1 is named
+    let out = pulled("side", &pod, &ckpt.path().join("restore-side"));
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not cover container `side`") && stderr.contains("holds bundles of app only"),
+        "{stderr}"
+    );
+    assert!(!ckpt.path().join("restore-side").exists(), "nothing is written for an uncovered container");
+    let dest = ckpt.path().join("restore-side-t1");
+    let out = pulled("side", &format!("{pod}#{t1}"), &dest);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tree(&dest), tree(&ckpt.path().join(format!("ns/web/side/{t1}"))));
+}
