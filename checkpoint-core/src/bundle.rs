@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -21,6 +21,14 @@ use crate::report::CheckpointReport;
 pub const COMPLETE_MARKER: &str = "COMPLETE";
 /// Written instead of [`COMPLETE_MARKER`] when a checkpoint was abandoned; holds the reason.
 pub const FAILED_MARKER: &str = "FAILED";
+/// Written instead of [`COMPLETE_MARKER`] when CRIU's dump succeeded but a later step did not (the
+/// writable layer, metadata, the seal, the budget): the finished images are kept, the manifest
+/// covers what was written, and the marker binds it and says what is missing and why. Restored only
+/// when asked for (`kybernate.io/restore-policy: allow-partial`), never shipped.
+pub const PARTIAL_MARKER: &str = "PARTIAL";
+/// Present while a checkpoint is being written, naming its writer (pid and process start time), so
+/// that [`sweep_interrupted`] can tell a checkpoint whose writer died from one still being written.
+pub const IN_PROGRESS_MARKER: &str = "IN-PROGRESS";
 /// Kybernate's manifest: format version, versions of the tools, identity, GPU section, file hashes.
 pub const MANIFEST_FILE: &str = "kybernate.json";
 /// Container identity and checkpoint metadata (Podman/CRI-O field names).
@@ -231,7 +239,7 @@ fn bundle_error(dir: &Path, reason: impl Into<String>) -> Error {
 }
 
 fn is_marker_or_manifest(rel: &str) -> bool {
-    matches!(rel, MANIFEST_FILE | COMPLETE_MARKER | FAILED_MARKER)
+    matches!(rel, MANIFEST_FILE | COMPLETE_MARKER | FAILED_MARKER | PARTIAL_MARKER | IN_PROGRESS_MARKER)
 }
 
 /// Relative paths of the regular files below `dir`, sorted; links and special files are refused.
@@ -262,12 +270,18 @@ fn list_files(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Size and SHA-256 of `path`, optionally fsyncing it on the way.
-fn hash_file(path: &Path, sync: bool) -> Result<FileEntry> {
+fn hash_file(path: &Path, sync: bool, deadline: Option<Instant>) -> Result<FileEntry> {
     let mut file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::io(
+                format!("the checkpoint budget ran out while {} was being sealed", path.display()),
+                std::io::ErrorKind::TimedOut.into(),
+            ));
+        }
         let n = file.read(&mut buf).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         if n == 0 {
             break;
@@ -294,7 +308,12 @@ fn start_writeback(path: &Path) {
 
 /// Hashes `files` (relative to `dir`) on all cores, largest first; with `sync`, the writeback of
 /// every file is started first and each file is fsynced after it was hashed.
-fn hash_all(dir: &Path, files: &[String], sync: bool) -> Result<BTreeMap<String, FileEntry>> {
+fn hash_all(
+    dir: &Path,
+    files: &[String],
+    sync: bool,
+    deadline: Option<Instant>,
+) -> Result<BTreeMap<String, FileEntry>> {
     let mut files: Vec<(u64, &String)> =
         files.iter().map(|f| (fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0), f)).collect();
     files.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
@@ -312,7 +331,7 @@ fn hash_all(dir: &Path, files: &[String], sync: bool) -> Result<BTreeMap<String,
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(rel) = files.get(i) else { break };
-                let entry = hash_file(&dir.join(rel), sync);
+                let entry = hash_file(&dir.join(rel), sync, deadline);
                 results.lock().expect("hash results lock").push(((*rel).clone(), entry));
             });
         }
@@ -362,16 +381,40 @@ pub fn seal(dir: &Path, manifest: Manifest) -> Result<Manifest> {
 }
 
 /// [`seal`], with the fsyncs only when `durability` is [`Durability::Synced`].
-pub fn seal_with(dir: &Path, mut manifest: Manifest, durability: Durability) -> Result<Manifest> {
+pub fn seal_with(dir: &Path, manifest: Manifest, durability: Durability) -> Result<Manifest> {
+    seal_until(dir, manifest, durability, None)
+}
+
+/// [`seal_with`], giving up (an error, nothing marked) once `deadline` passes while files are hashed.
+pub fn seal_until(
+    dir: &Path,
+    manifest: Manifest,
+    durability: Durability,
+    deadline: Option<Instant>,
+) -> Result<Manifest> {
     if is_complete(dir) {
         return Err(bundle_error(dir, "it is already sealed; write each checkpoint into a new directory"));
     }
     if dir.join(FAILED_MARKER).exists() {
         return Err(bundle_error(dir, "it was marked failed; take a new checkpoint"));
     }
+    let (manifest, digest) = write_manifest(dir, manifest, durability, deadline)?;
+    write_atomically(dir, COMPLETE_MARKER, format!("{MANIFEST_FILE} sha256:{digest}\n").as_bytes(), durability)?;
+    remove_in_progress(dir);
+    Ok(manifest)
+}
+
+/// Hashes every file into `manifest` (fsyncing them and their directories when `durability` asks),
+/// writes it, and returns it with the SHA-256 of its bytes.
+fn write_manifest(
+    dir: &Path,
+    mut manifest: Manifest,
+    durability: Durability,
+    deadline: Option<Instant>,
+) -> Result<(Manifest, String)> {
     let sync = durability == Durability::Synced;
     let files = list_files(dir)?;
-    manifest.files = hash_all(dir, &files, sync)?;
+    manifest.files = hash_all(dir, &files, sync, deadline)?;
     if sync {
         let mut dirs: Vec<PathBuf> = files.iter().filter_map(|f| Path::new(f).parent().map(|p| dir.join(p))).collect();
         dirs.sort();
@@ -383,14 +426,119 @@ pub fn seal_with(dir: &Path, mut manifest: Manifest, durability: Durability) -> 
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     write_atomically(dir, MANIFEST_FILE, &json, durability)?;
     let digest: String = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
-    write_atomically(dir, COMPLETE_MARKER, format!("{MANIFEST_FILE} sha256:{digest}\n").as_bytes(), durability)?;
-    Ok(manifest)
+    Ok((manifest, digest))
 }
 
 /// Marks an abandoned bundle, so that nothing ever ships or restores it, and records why.
 pub fn mark_failed(dir: &Path, reason: &str) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    write_durably(dir, FAILED_MARKER, format!("{reason}\n").as_bytes())
+    write_durably(dir, FAILED_MARKER, format!("{reason}\n").as_bytes())?;
+    remove_in_progress(dir);
+    Ok(())
+}
+
+/// Marks a bundle whose CRIU images are finished but which could not be completed (see
+/// [`PARTIAL_MARKER`]): every file there is is hashed into `manifest`, which the marker binds, with
+/// `reason`. When not even the manifest can be written (a full disk), the marker holds the reason
+/// alone and the bundle cannot be verified. Nothing is deleted either way.
+pub fn mark_partial(dir: &Path, manifest: Manifest, reason: &str) -> Result<()> {
+    let binding = match write_manifest(dir, manifest, Durability::Synced, None) {
+        Ok((_, digest)) => format!("{MANIFEST_FILE} sha256:{digest}\n"),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "the partial bundle's manifest could not be written");
+            String::new()
+        }
+    };
+    write_durably(dir, PARTIAL_MARKER, format!("{binding}{reason}\n").as_bytes())?;
+    remove_in_progress(dir);
+    Ok(())
+}
+
+/// Writes [`IN_PROGRESS_MARKER`] naming this process as the bundle's writer.
+pub fn mark_in_progress(dir: &Path) -> Result<()> {
+    write_atomically(
+        dir,
+        IN_PROGRESS_MARKER,
+        format!("{}\n", process_identity(std::process::id())).as_bytes(),
+        Durability::Unsynced,
+    )
+}
+
+fn remove_in_progress(dir: &Path) {
+    let _ = fs::remove_file(dir.join(IN_PROGRESS_MARKER));
+}
+
+/// `pid <pid> started <ticks since boot>` of a live process (`None` once it is gone), so a reused pid
+/// does not pass for the writer.
+fn process_identity(pid: u32) -> String {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // the start time is field 22; the command name (field 2) may contain spaces, so count after ')'
+    let started = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19)).unwrap_or("?");
+    format!("pid {pid} started {started}")
+}
+
+/// Retention for the bundles of one container (`<root>/<ns>/<pod>/<container>/`, one directory per
+/// checkpoint): keeps the newest `keep` sealed ones and removes older sealed ones, and removes `FAILED`
+/// ones whose marker is older than `failed_grace`. `PARTIAL` bundles and checkpoints in progress are
+/// never removed. Returns what was removed.
+pub fn prune(container_dir: &Path, keep: usize, failed_grace: std::time::Duration) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(container_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect();
+    // bundle directories are named by RFC 3339 time: newest last
+    dirs.sort();
+    let sealed: Vec<&PathBuf> = dirs.iter().filter(|d| is_complete(d)).collect();
+    let mut doomed: Vec<PathBuf> =
+        sealed[..sealed.len().saturating_sub(keep)].iter().map(|d| d.to_path_buf()).collect();
+    let expired = |d: &PathBuf| {
+        fs::metadata(d.join(FAILED_MARKER))
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age >= failed_grace))
+    };
+    doomed.extend(dirs.iter().filter(|d| !is_complete(d) && expired(d)).cloned());
+    doomed.retain(|d| match fs::remove_dir_all(d) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(bundle = %d.display(), error = %e, "removing an old bundle");
+            false
+        }
+    });
+    doomed
+}
+
+/// Marks FAILED every bundle directory under `root` (down to `max_depth`) that is still marked
+/// [`IN_PROGRESS_MARKER`] by a writer that no longer runs: a checkpoint interrupted by a crash. Its
+/// files stay. Returns the directories marked.
+pub fn sweep_interrupted(root: &Path, max_depth: usize) -> Vec<PathBuf> {
+    let mut marked = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        if let Ok(writer) = fs::read_to_string(dir.join(IN_PROGRESS_MARKER)) {
+            let writer = writer.trim();
+            let pid = writer.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_none_or(|pid| process_identity(pid) != writer) {
+                let reason = format!("interrupted: its writer ({writer}) stopped before the checkpoint finished");
+                match mark_failed(&dir, &reason) {
+                    Ok(()) => marked.push(dir),
+                    Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "marking an interrupted checkpoint"),
+                }
+            }
+            continue;
+        }
+        if depth >= max_depth || is_complete(&dir) {
+            continue;
+        }
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && !entry.file_name().to_string_lossy().starts_with('.') {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    marked
 }
 
 /// Checks a bundle before it is restored or shipped: sealed, of a known format, and every file
@@ -403,12 +551,52 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
         let why = fs::read_to_string(dir.join(FAILED_MARKER)).unwrap_or_default();
         return Err(bundle_error(dir, format!("the checkpoint failed ({}); use another bundle", why.trim())));
     }
+    if let Ok(partial) = fs::read_to_string(dir.join(PARTIAL_MARKER)) {
+        return Err(bundle_error(
+            dir,
+            format!(
+                "the checkpoint is partial ({}): its memory is complete but not everything else was written; \
+                 restore it anyway with kybernate.io/restore-policy: allow-partial",
+                partial_reason(&partial)
+            ),
+        ));
+    }
     let complete = fs::read_to_string(dir.join(COMPLETE_MARKER))
         .map_err(|_| bundle_error(dir, format!("{COMPLETE_MARKER} is missing: the checkpoint did not finish")))?;
+    verify_bound(dir, &complete, COMPLETE_MARKER)
+}
+
+/// What a [`PARTIAL_MARKER`] says is missing and why.
+fn partial_reason(marker: &str) -> &str {
+    let text = marker.trim();
+    match text.split_once('\n') {
+        Some((first, rest)) if first.starts_with(MANIFEST_FILE) => rest.trim(),
+        _ if text.starts_with(MANIFEST_FILE) => "no reason recorded",
+        _ => text,
+    }
+}
+
+/// Verifies a partial bundle (see [`PARTIAL_MARKER`]) as far as it can be: every file it has against
+/// the manifest the marker binds. Returns the manifest and what the marker says is missing.
+pub fn verify_partial(dir: &Path) -> Result<(Manifest, String)> {
+    let marker = fs::read_to_string(dir.join(PARTIAL_MARKER))
+        .map_err(|_| bundle_error(dir, format!("{PARTIAL_MARKER} is missing: it is not a partial checkpoint")))?;
+    let reason = partial_reason(&marker).to_string();
+    let binding = marker.lines().next().filter(|l| l.starts_with(MANIFEST_FILE)).ok_or_else(|| {
+        bundle_error(
+            dir,
+            format!("the partial checkpoint has no manifest to verify it by ({reason}); it cannot be restored"),
+        )
+    })?;
+    Ok((verify_bound(dir, binding, PARTIAL_MARKER)?, reason))
+}
+
+/// Checks the manifest against the hash `marker_text` binds, then every file against the manifest.
+fn verify_bound(dir: &Path, marker_text: &str, marker: &str) -> Result<Manifest> {
     let json = fs::read(dir.join(MANIFEST_FILE)).map_err(|e| bundle_error(dir, format!("{MANIFEST_FILE}: {e}")))?;
     let digest: String = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
-    if complete.trim() != format!("{MANIFEST_FILE} sha256:{digest}") {
-        return Err(bundle_error(dir, format!("{MANIFEST_FILE} does not match the hash sealed in {COMPLETE_MARKER}")));
+    if marker_text.trim() != format!("{MANIFEST_FILE} sha256:{digest}") {
+        return Err(bundle_error(dir, format!("{MANIFEST_FILE} does not match the hash sealed in {marker}")));
     }
     let manifest: Manifest =
         serde_json::from_slice(&json).map_err(|e| bundle_error(dir, format!("{MANIFEST_FILE} does not parse: {e}")))?;
@@ -425,7 +613,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     if let Some(extra) = on_disk.iter().find(|f| !manifest.files.contains_key(*f)) {
         return Err(bundle_error(dir, format!("{extra} is not listed in the manifest: the bundle was altered")));
     }
-    let actual = hash_all(dir, &on_disk, false)?;
+    let actual = hash_all(dir, &on_disk, false, None)?;
     for (rel, want) in &manifest.files {
         match actual.get(rel) {
             None => return Err(bundle_error(dir, format!("{rel} is missing"))),
@@ -512,5 +700,69 @@ mod tests {
         assert_eq!(d, Path::new("/r/k8s.io/pod/app/2023-11-14T22:13:20.123Z"));
         assert!(bundle_dir(Path::new("/r"), "..", "pod", "app", at).is_err());
         assert!(bundle_dir(Path::new("/r"), "ns", "a/b", "app", at).is_err());
+    }
+
+    #[test]
+    fn a_partial_bundle_is_refused_unless_asked_for_and_verifies_as_far_as_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(CHECKPOINT_DIR)).unwrap();
+        fs::write(dir.path().join(CHECKPOINT_DIR).join("pages-1.img"), vec![5u8; 4096]).unwrap();
+        mark_in_progress(dir.path()).unwrap();
+        let id = ContainerIdentity { name: "c".into(), id: "c".into(), ..Default::default() };
+        mark_partial(dir.path(), Manifest::new(HostInfo::default(), id), "writing rootfs-diff.tar: disk full").unwrap();
+        assert!(!dir.path().join(IN_PROGRESS_MARKER).exists());
+        let err = verify(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("partial (writing rootfs-diff.tar: disk full)") && err.contains("allow-partial"), "{err}");
+        let (manifest, missing) = verify_partial(dir.path()).unwrap();
+        assert_eq!(missing, "writing rootfs-diff.tar: disk full");
+        assert_eq!(manifest.files.keys().collect::<Vec<_>>(), ["checkpoint/pages-1.img"]);
+        fs::write(dir.path().join(CHECKPOINT_DIR).join("pages-1.img"), vec![6u8; 4096]).unwrap();
+        assert!(verify_partial(dir.path()).unwrap_err().to_string().contains("does not match its sha256"));
+        // without a manifest (the disk was full) the reason stays, but nothing can be verified
+        fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
+        write_durably(dir.path(), PARTIAL_MARKER, b"disk full\n").unwrap();
+        assert!(verify_partial(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("no manifest to verify it by (disk full)"));
+    }
+
+    #[test]
+    fn the_sweep_marks_checkpoints_whose_writer_died_and_leaves_live_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let live = root.path().join("ns/pod/c/t1");
+        let dead = root.path().join("ns/pod/c/t2");
+        let sealed = root.path().join("ns/pod/d/t1");
+        for d in [&live, &dead, &sealed] {
+            fs::create_dir_all(d.join(CHECKPOINT_DIR)).unwrap();
+            fs::write(d.join(CHECKPOINT_DIR).join("inventory.img"), b"inv").unwrap();
+        }
+        mark_in_progress(&live).unwrap();
+        // a writer whose pid exists no more (or was reused: the start time differs)
+        write_durably(&dead, IN_PROGRESS_MARKER, b"pid 4194304 started 1\n").unwrap();
+        seal(&sealed, Manifest::new(HostInfo::default(), ContainerIdentity::default())).unwrap();
+        assert_eq!(sweep_interrupted(root.path(), 4), vec![dead.clone()]);
+        let why = fs::read_to_string(dead.join(FAILED_MARKER)).unwrap();
+        assert!(why.starts_with("interrupted: its writer (pid 4194304 started 1) stopped"), "{why}");
+        assert!(dead.join(CHECKPOINT_DIR).join("inventory.img").is_file(), "the sweep deletes nothing");
+        assert!(live.join(IN_PROGRESS_MARKER).is_file() && !live.join(FAILED_MARKER).exists());
+        verify(&sealed).unwrap();
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_sealed_bundles_and_drops_old_failures() {
+        let root = tempfile::tempdir().unwrap();
+        let at = |t: &str| root.path().join(format!("2026-12-02T0{t}:00:00.000Z"));
+        for t in ["1", "2", "3", "4"] {
+            fs::create_dir_all(at(t)).unwrap();
+            fs::write(at(t).join(SPEC_DUMP), t).unwrap();
+            seal(&at(t), Manifest::new(HostInfo::default(), ContainerIdentity::default())).unwrap();
+        }
+        mark_failed(&at("5"), "dump failed").unwrap();
+        fs::create_dir_all(at("6")).unwrap();
+        write_durably(&at("6"), PARTIAL_MARKER, b"disk full\n").unwrap();
+        assert_eq!(prune(root.path(), 2, std::time::Duration::from_secs(3600)), vec![at("1"), at("2")]);
+        assert_eq!(prune(root.path(), 2, std::time::Duration::ZERO), vec![at("5")], "an expired failure goes");
+        assert!(at("3").is_dir() && at("4").is_dir() && at("6").is_dir(), "the newest two and the partial stay");
     }
 }

@@ -127,6 +127,15 @@ pub enum Error {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// CRIU's dump succeeded but a later step of the checkpoint did not: the bundle is marked
+    /// `PARTIAL`, its images kept, and the container runs on.
+    #[error("checkpoint bundle {path} is partial: {reason}; its CRIU images are kept (a restore takes it with kybernate.io/restore-policy: allow-partial), and the container was thawed")]
+    Partial {
+        /// The bundle directory.
+        path: PathBuf,
+        /// What is missing and why.
+        reason: String,
+    },
     /// A GPU-aware checkpoint or restore failed at `step`; `rollback` says what was undone.
     #[error("GPU {step:?} step failed: {detail}; rollback: {rollback}")]
     Gpu {

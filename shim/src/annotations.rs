@@ -15,7 +15,8 @@ pub const RESTORE_FROM: &str = "kybernate.io/restore-from";
 /// `kybernate.io/restore-from.<container name>`: the reference for that container alone (a bundle or
 /// a pod checkpoint), or `none` to start it fresh; wins over [`RESTORE_FROM`].
 pub const RESTORE_FROM_CONTAINER_PREFIX: &str = "kybernate.io/restore-from.";
-/// What to do when the bundle cannot be restored: `fail` (default) or `fallback-fresh`; and whether a
+/// What to do when the bundle cannot be restored: `fail` (default), `fallback-fresh` or
+/// `allow-partial` (as `fail`, but a `PARTIAL` bundle is restored); and whether a
 /// container that the pod checkpoint does not cover fails (`fail`, only when set) or starts fresh.
 pub const RESTORE_POLICY: &str = "kybernate.io/restore-policy";
 /// CRI's container type: `sandbox` for the pod's pause container, `container` for the others.
@@ -37,6 +38,9 @@ pub enum RestorePolicy {
     Fail,
     /// The container starts fresh, and the reason is logged.
     FallbackFresh,
+    /// Like `Fail`, but a `PARTIAL` bundle (its memory complete, something after the dump missing) is
+    /// restored as far as it goes.
+    AllowPartial,
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
@@ -72,8 +76,9 @@ pub fn restore_policy(spec: &SpecInfo) -> Result<Option<RestorePolicy>> {
         None => Ok(None),
         Some("fail") => Ok(Some(RestorePolicy::Fail)),
         Some("fallback-fresh") => Ok(Some(RestorePolicy::FallbackFresh)),
+        Some("allow-partial") => Ok(Some(RestorePolicy::AllowPartial)),
         Some(other) => Err(ShimError::InvalidArgument(format!(
-            "annotation {RESTORE_POLICY}={other:?} is not a policy: use \"fail\" or \"fallback-fresh\""
+            "annotation {RESTORE_POLICY}={other:?} is not a policy: use \"fail\", \"fallback-fresh\" or \"allow-partial\""
         ))),
     }
 }

@@ -13,6 +13,8 @@
 //! checkpoint_dir = "/var/lib/kybernate/checkpoints"  # node checkpoint directory
 //! checkpoint_budget = "2m"             # a checkpoint on stop that takes longer is abandoned
 //! pod_checkpoint_window = "30s"        # stops of a pod's containers this close share a pod checkpoint
+//! keep_bundles = 3                     # sealed bundles kept per container in checkpoint_dir
+//! failed_bundle_grace = "24h"          # FAILED bundles are removed this long after they failed
 //! restore_dir = "/var/lib/kybernate/restore"  # where remote bundles are fetched for a restore
 //! sidecar_binary = "kybernate-sidecar" # fetches remote bundles (`kybernate-sidecar pull`)
 //! gpu_backend = "auto"                 # auto | driver-api | cuda-checkpoint | criu-plugin | off
@@ -43,6 +45,8 @@ pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/kybernate/restore";
 pub const DEFAULT_CHECKPOINT_BUDGET: Duration = Duration::from_secs(120);
 /// How long a pod checkpoint stays open unless the file says otherwise.
 pub const DEFAULT_POD_CHECKPOINT_WINDOW: Duration = Duration::from_secs(30);
+/// How long a FAILED bundle stays unless the file says otherwise.
+pub const DEFAULT_FAILED_BUNDLE_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Every value `gpu_backend` accepts.
 pub const GPU_BACKENDS: [GpuBackendChoice; 5] = [
     GpuBackendChoice::Auto,
@@ -79,6 +83,11 @@ pub struct ShimConfig {
     /// How long after the first container of a pod is checkpointed on stop the stops of its other
     /// containers still join that pod checkpoint (share its time); a later stop starts a new one.
     pub pod_checkpoint_window: String,
+    /// How many sealed bundles `checkpoint_dir` keeps per container (older ones are removed after each
+    /// checkpoint on stop; `PARTIAL` ones are never removed).
+    pub keep_bundles: usize,
+    /// How long a `FAILED` bundle (its reason) stays before it is removed.
+    pub failed_bundle_grace: String,
     /// Where bundles named by a remote `kybernate.io/restore-from` reference are fetched to.
     pub restore_dir: PathBuf,
     /// The sidecar binary that fetches remote bundles (a bare name is looked up on PATH).
@@ -101,6 +110,8 @@ impl Default for ShimConfig {
             checkpoint_dir: PathBuf::from(checkpoint_core::bundle::DEFAULT_CHECKPOINT_ROOT),
             checkpoint_budget: "2m".into(),
             pod_checkpoint_window: "30s".into(),
+            keep_bundles: 3,
+            failed_bundle_grace: "24h".into(),
             restore_dir: PathBuf::from(DEFAULT_RESTORE_DIR),
             sidecar_binary: PathBuf::from("kybernate-sidecar"),
             gpu_backend: GpuBackendChoice::Auto.as_str().into(),
@@ -151,6 +162,11 @@ impl ShimConfig {
         humantime::parse_duration(&self.pod_checkpoint_window).unwrap_or(DEFAULT_POD_CHECKPOINT_WINDOW)
     }
 
+    /// How long a FAILED bundle stays (validated when the file was read).
+    pub fn failed_bundle_grace(&self) -> Duration {
+        humantime::parse_duration(&self.failed_bundle_grace).unwrap_or(DEFAULT_FAILED_BUNDLE_GRACE)
+    }
+
     /// The GPU backend choice (validated when the file was read).
     pub fn gpu_backend(&self) -> GpuBackendChoice {
         GPU_BACKENDS.into_iter().find(|c| c.as_str() == self.gpu_backend).unwrap_or_default()
@@ -181,11 +197,19 @@ impl ShimConfig {
                 )))
             }
         }
-        if let Err(e) = humantime::parse_duration(&self.pod_checkpoint_window) {
-            return Err(invalid(format!(
-                "pod_checkpoint_window {:?} is not a duration ({e}); write it like \"30s\"",
-                self.pod_checkpoint_window
-            )));
+        for (key, value) in
+            [("pod_checkpoint_window", &self.pod_checkpoint_window), ("failed_bundle_grace", &self.failed_bundle_grace)]
+        {
+            if let Err(e) = humantime::parse_duration(value) {
+                return Err(invalid(format!(
+                    "{key} {value:?} is not a duration ({e}); write it like \"30s\" or \"24h\""
+                )));
+            }
+        }
+        if self.keep_bundles == 0 {
+            return Err(invalid(
+                "keep_bundles must be at least 1: the newest bundle is the one a restore takes".into(),
+            ));
         }
         for (key, path) in [("checkpoint_dir", &self.checkpoint_dir), ("restore_dir", &self.restore_dir)] {
             if path.is_relative() {
@@ -327,6 +351,8 @@ mod tests {
             "checkpoint_budget = \"0s\"",
             "restore_dir = \"rel\"",
             "pod_checkpoint_window = \"later\"",
+            "failed_bundle_grace = \"never\"",
+            "keep_bundles = 0",
         ] {
             let err = ShimConfig::from_toml(bad, Path::new("x.toml")).unwrap_err().to_string();
             assert!(err.contains(bad.split(' ').next().unwrap()), "{bad}: {err}");

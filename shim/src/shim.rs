@@ -40,6 +40,8 @@ pub struct KybernateShim {
     id: String,
     namespace: String,
     exit: Arc<ExitSignal>,
+    /// The configuration the serving shim started with (the defaults where it could not be read).
+    config: ShimConfig,
 }
 
 impl Shim for KybernateShim {
@@ -61,11 +63,23 @@ impl Shim for KybernateShim {
                 (Err(_), false) => "info".to_string(),
             };
             crate::logging::init(&level);
-            if let Err(e) = file {
+            let config = file.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "using the default configuration");
-            }
+                ShimConfig::default()
+            });
+            return KybernateShim {
+                id: args.id.clone(),
+                namespace: args.namespace.clone(),
+                exit: Arc::new(ExitSignal::default()),
+                config,
+            };
         }
-        KybernateShim { id: args.id.clone(), namespace: args.namespace.clone(), exit: Arc::new(ExitSignal::default()) }
+        KybernateShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+            config: ShimConfig::default(),
+        }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
@@ -122,6 +136,10 @@ impl Shim for KybernateShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        // Checkpoints on stop whose shim died mid-way are marked FAILED ("interrupted"), images kept.
+        for dir in checkpoint_core::bundle::sweep_interrupted(&self.config.checkpoint_dir, 4) {
+            tracing::warn!(bundle = %dir.display(), "marked an interrupted checkpoint FAILED");
+        }
         match serve(&self.namespace, Arc::clone(&self.exit), publisher) {
             Ok(service) => service,
             Err(e) => {

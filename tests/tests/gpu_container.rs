@@ -151,7 +151,7 @@ fn open(out: &Path, ctx: Arc<GpuContext>) -> checkpoint_core::Result<RestorableB
     open_container_bundle(
         out,
         &Criu::from_path(),
-        &OpenOptions { accept_unsealed: false, gpu: &gpu, gpu_match: GpuMatch::default() },
+        &OpenOptions { accept_unsealed: false, accept_partial: false, gpu: &gpu, gpu_match: GpuMatch::default() },
     )
 }
 

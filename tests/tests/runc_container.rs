@@ -212,7 +212,8 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
     container.delete();
 
     let no_gpu = || Err("no GPU here".to_string());
-    let open = OpenOptions { accept_unsealed: false, gpu: &no_gpu, gpu_match: Default::default() };
+    let open =
+        OpenOptions { accept_unsealed: false, accept_partial: false, gpu: &no_gpu, gpu_match: Default::default() };
     let opened = open_container_bundle(&bundle_dir, &criu, &open).unwrap();
     let target = RestoreTarget {
         id: "ck-systemd".into(),
@@ -238,4 +239,163 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
             assert!(line.contains(&global), "runc ran without its global flags: {line}");
         }
     }
+}
+
+/// What a stop checkpoint (`leave_running: false`) of `container` into `dir` is told.
+fn stop_request(container: &RuncContainer, upperdir: &Path) -> checkpoint_core::ContainerCheckpoint {
+    checkpoint_core::ContainerCheckpoint {
+        id: container.id.clone(),
+        spec: container.bundle.join("config.json"),
+        upperdir: Some(upperdir.to_path_buf()),
+        identity: checkpoint_core::bundle::ContainerIdentity {
+            namespace: "t".into(),
+            name: container.id.clone(),
+            id: container.id.clone(),
+            ..Default::default()
+        },
+        runtime: "kybernate-tests".into(),
+        gpu: None,
+        layout: checkpoint_core::bundle::BundleLayout::Archive,
+        durability: checkpoint_core::bundle::Durability::Synced,
+    }
+}
+
+/// Opens `dir` (a partial bundle when `partial`) and restores it under the container's id and bundle.
+fn restore_bundle(dir: &Path, work: &Path, runc: &Runc, container: &RuncContainer, partial: bool) -> RuncContainer {
+    use checkpoint_core::{open_container_bundle, restore_container_bundle, OpenOptions, RestoreTarget};
+    let no_gpu = || Err("no GPU here".to_string());
+    let open =
+        OpenOptions { accept_unsealed: false, accept_partial: partial, gpu: &no_gpu, gpu_match: Default::default() };
+    let criu = Criu::from_path();
+    let opened = open_container_bundle(dir, &criu, &open).unwrap();
+    let target = RestoreTarget {
+        id: container.id.clone(),
+        bundle: container.bundle.clone(),
+        work_dir: Some(work.to_path_buf()),
+        timeout: Some(std::time::Duration::from_secs(60)),
+        pid_file: None,
+        console_socket: None,
+        no_pivot: false,
+    };
+    let report = restore_container_bundle(runc, &criu, &opened, &target, ChildStdio::default()).unwrap();
+    RuncContainer::adopt(runc.root().unwrap(), &container.id, &container.bundle, report.pid)
+}
+
+/// A writable layer of `mib` MiB (one file), so that capturing and sealing it takes a while.
+fn big_layer(dir: &Path, mib: usize) -> std::path::PathBuf {
+    let upper = dir.join("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut file = std::fs::File::create(upper.join("data.bin")).unwrap();
+    for _ in 0..mib {
+        std::io::Write::write_all(&mut file, &block).unwrap();
+    }
+    upper
+}
+
+#[test]
+fn a_stop_checkpoint_keeps_the_tasks_frozen_until_the_seal_and_then_ends_them() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-frozen");
+    let upper = big_layer(dir.path(), 96);
+    let bundle_dir = dir.path().join("bundle-stop");
+    let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
+    let done = AtomicBool::new(false);
+    let (report, seen) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                let status = runc.state("ck-frozen").ok().flatten().map(|st| format!("{:?}", st.status));
+                if seen.last() != Some(&status) {
+                    seen.push(status);
+                }
+            }
+            seen
+        });
+        let report = checkpoint_core::checkpoint_container_bundle(
+            &runc,
+            &Criu::from_path(),
+            &bundle_dir,
+            &stop_request(&container, &upper),
+            &opts,
+        );
+        done.store(true, Ordering::SeqCst);
+        (report.unwrap(), watcher.join().unwrap())
+    });
+    assert!(report.rootfs.is_some_and(|r| r.content_bytes == 96 << 20));
+    // Frozen after the dump, through the writable layer and the seal, then ended: never running again.
+    // (During the dump CRIU may thaw the cgroup while it holds every task under ptrace.)
+    let after: Vec<Option<&str>> = seen.iter().rev().take(2).rev().map(|s| s.as_deref()).collect();
+    assert!(matches!(after.as_slice(), [Some("Paused"), Some("Stopped") | None]), "{seen:?}");
+    assert!(checkpoint_core::bundle::is_complete(&bundle_dir));
+    assert!(matches!(container.status().as_deref(), None | Some("stopped")), "{:?}", container.status());
+
+    // It executed nothing after the dump: the restored counter writes the very next value.
+    let stopped_at = read_counter(&container.bundle).unwrap();
+    container.delete();
+    let restored = restore_bundle(&bundle_dir, &dir.path().join("restore-work"), &runc, &container, false);
+    assert_eq!(restored.status().as_deref(), Some("running"));
+    assert_eq!(wait_counter_past(&container.bundle, stopped_at).unwrap(), stopped_at + 1);
+}
+
+/// A tmpfs of `size` mounted at `dir` for the life of the value.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let data = format!("size={size}");
+        nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some(data.as_str()))
+            .unwrap();
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_after_the_dump_keeps_the_images_as_partial_and_the_container_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-enospc");
+    // Room for the dump and the free-space preflight, not for the 40 MiB writable layer.
+    let disk = Tmpfs::mount(&dir.path().join("small-disk"), "32m");
+    let upper = big_layer(dir.path(), 40);
+    let bundle_dir = disk.0.join("bundle");
+    let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
+    let err = checkpoint_core::checkpoint_container_bundle(
+        &runc,
+        &Criu::from_path(),
+        &bundle_dir,
+        &stop_request(&container, &upper),
+        &opts,
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Partial { .. }), "{text}");
+    assert!(text.contains("No space left on device") && text.contains("rootfs-diff.tar"), "{text}");
+
+    // Nothing lost: the container runs on, the finished images stay, the bundle says it is partial.
+    assert_eq!(container.status().as_deref(), Some("running"));
+    let seen = read_counter(&container.bundle).unwrap();
+    wait_counter_past(&container.bundle, seen + 1).unwrap();
+    assert!(bundle_dir.join("checkpoint/inventory.img").is_file());
+    assert!(!bundle_dir.join("rootfs-diff.tar").exists(), "the half-written layer is left out");
+    let refused = checkpoint_core::bundle::verify(&bundle_dir).unwrap_err().to_string();
+    assert!(refused.contains("partial") && refused.contains("allow-partial"), "{refused}");
+
+    // The partial bundle restores its memory when asked to: the counter continues from the dump.
+    let (_, missing) = checkpoint_core::bundle::verify_partial(&bundle_dir).unwrap();
+    assert!(missing.contains("No space left on device"), "{missing}");
+    let at_dump = checkpoint_core::bundle::verify_partial(&bundle_dir).unwrap().0.checkpoint.unwrap().pages_written;
+    assert!(at_dump > 0);
+    container.delete();
+    let restored = restore_bundle(&bundle_dir, &dir.path().join("restore-work"), &runc, &container, true);
+    assert_eq!(restored.status().as_deref(), Some("running"));
+    let before = read_counter(&container.bundle).unwrap();
+    wait_counter_past(&container.bundle, before).unwrap();
 }

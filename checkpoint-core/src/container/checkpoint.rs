@@ -3,6 +3,7 @@
 //! sealed manifest, in the [`BundleLayout`] asked for.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{
-    self, BundleLayout, ContainerIdentity, Durability, GpuSection, HostInfo, Manifest, CONFIG_DUMP, SPEC_DUMP,
-    STATS_DUMP,
+    self, BundleLayout, ContainerIdentity, Durability, GpuSection, HostInfo, Manifest, CONFIG_DUMP, DELETED_FILES,
+    ROOTFS_DIFF, SPEC_DUMP, STATS_DUMP,
 };
 use crate::criu::{stats, Criu};
 use crate::error::{Error, GpuStep, Result};
@@ -22,7 +23,7 @@ use crate::gpu::{
 use crate::options::CheckpointOptions;
 use crate::report::CheckpointReport;
 use crate::rootfs::{self, RootfsDiffStats};
-use crate::runc::{checkpoint_container, Runc};
+use crate::runc::{checkpoint_container, ContainerStatus, Runc};
 
 /// `config.dump`: the container's identity with the field names Podman, CRI-O and checkpointctl use.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,8 +97,16 @@ pub struct BundleReport {
 /// state checkpointed around the dump and described in the manifest's GPU section (see
 /// `docs/gpu.md`).
 ///
-/// If the dump fails the container keeps running (GPU steps are rolled back); on any failure `dir` is
-/// emptied and marked failed (so nothing ships or restores it), and the error says what happened.
+/// Without `opts.leave_running` the container ends, but only once the bundle is sealed: it is frozen
+/// (`runc pause`), dumped with CRIU leaving the frozen tasks as they are, the writable layer and
+/// metadata are written and the bundle sealed, and only then are the tasks killed (they execute
+/// nothing after the dump). `opts.timeout` is one deadline for all of it: the GPU steps, the dump,
+/// and the seal (checked between steps and while files are hashed).
+///
+/// Nothing is lost on failure. If the dump fails, the container keeps running (GPU steps rolled back,
+/// thawed if it was frozen here) and the emptied `dir` is marked `FAILED`. If a step after the dump
+/// fails, the finished CRIU images are kept, the bundle is marked `PARTIAL` with what is missing
+/// ([`Error::Partial`]), and the container is thawed and keeps running; the caller decides what next.
 pub fn checkpoint_container_bundle(
     runc: &Runc,
     criu: &Criu,
@@ -117,11 +126,162 @@ pub fn checkpoint_container_bundle(
         });
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating bundle directory {}", dir.display()), e))?;
-    let result = write_bundle(runc, criu, dir, container, opts, started);
-    if let Err(e) = &result {
+    // A node bundle names its writer while it is written, for the sweep after a crash; containerd owns
+    // (and cleans up) a task image's directory, whose top holds CRIU's images alone.
+    let in_progress = match container.layout {
+        BundleLayout::Archive => bundle::mark_in_progress(dir),
+        BundleLayout::TaskImage => Ok(()),
+    };
+    if let Err(e) = in_progress.and_then(|()| check_free_space(runc, &container.id, dir)) {
         abandon(dir, &e.to_string());
+        return Err(e);
     }
-    result
+    // Ending the tasks waits for the seal: right before the dump (after any GPU lock, which needs
+    // the processes running) they are frozen, CRIU leaves them frozen, and they are killed once sealed.
+    let frozen = Cell::new(false);
+    let image_dir = container.layout.image_dir(dir);
+    let dump = |dump_opts: &CheckpointOptions| {
+        if !opts.leave_running {
+            frozen.set(freeze(runc, &container.id)?);
+        }
+        let dump_opts = CheckpointOptions { leave_running: opts.leave_running || frozen.get(), ..dump_opts.clone() };
+        checkpoint_container(runc, criu, &container.id, &image_dir, &dump_opts)
+    };
+    let thaw = || {
+        if frozen.get() {
+            if let Err(e) = runc.resume(&container.id) {
+                tracing::warn!(id = %container.id, error = %e, "thawing the container after its checkpoint");
+            }
+        }
+    };
+    let dumped = match &container.gpu {
+        Some(ctx) => checkpoint_container_gpu(ctx, runc, &container.id, opts, &dump),
+        None => dump(opts).map(|r| (r, None)),
+    };
+    let (report, gpu) = match dumped {
+        Ok(dumped) => dumped,
+        Err(e) => {
+            abandon(dir, &e.to_string());
+            thaw();
+            return Err(e);
+        }
+    };
+    // From here on the CRIU images are never deleted.
+    let mut manifest =
+        Manifest::new(HostInfo::current(report.criu_version.to_string(), runc.version()), container.identity.clone());
+    manifest.checkpoint = Some(report.clone());
+    manifest.criu_flags = Some(opts.flags.clone());
+    manifest.gpu = gpu;
+    let deadline = opts.timeout.map(|t| started + t);
+    match finish_bundle(dir, &image_dir, container, opts, manifest.clone(), deadline) {
+        Ok((manifest, rootfs, rootfs_time, seal_time)) => {
+            if frozen.get() {
+                end_frozen(runc, &container.id);
+            }
+            Ok(BundleReport { manifest, checkpoint: report, rootfs, rootfs_time, seal_time, total: started.elapsed() })
+        }
+        Err(e) => {
+            let reason = format!("the CRIU images are complete, but {e}");
+            if let Err(mark) = bundle::mark_partial(dir, manifest, &reason) {
+                tracing::error!(dir = %dir.display(), error = %mark, "marking the bundle PARTIAL failed; its images stay");
+            }
+            thaw();
+            Err(Error::Partial { path: dir.to_path_buf(), reason })
+        }
+    }
+}
+
+/// Everything after the dump: the metadata and writable layer of a node bundle, then the seal, all
+/// before `deadline`. Returns the sealed manifest, the layer's statistics and the two steps' times.
+fn finish_bundle(
+    dir: &Path,
+    image_dir: &Path,
+    container: &ContainerCheckpoint,
+    opts: &CheckpointOptions,
+    manifest: Manifest,
+    deadline: Option<Instant>,
+) -> Result<(Manifest, Option<RootfsDiffStats>, Duration, Duration)> {
+    let rootfs_started = Instant::now();
+    let rootfs = match container.layout {
+        BundleLayout::Archive => write_metadata(dir, image_dir, container, opts)?,
+        BundleLayout::TaskImage => None,
+    };
+    let rootfs_time = rootfs_started.elapsed();
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(Error::io(
+            "the checkpoint budget ran out after the writable layer was captured, before the seal",
+            std::io::ErrorKind::TimedOut.into(),
+        ));
+    }
+    let seal_started = Instant::now();
+    let manifest = bundle::seal_until(dir, manifest, container.durability, deadline)?;
+    Ok((manifest, rootfs, rootfs_time, seal_started.elapsed()))
+}
+
+/// Freezes a running container for its dump; `false` when it was paused already (then it is left
+/// as it is).
+fn freeze(runc: &Runc, id: &str) -> Result<bool> {
+    match runc.state(id)? {
+        Some(s) if s.status == ContainerStatus::Running => {
+            runc.pause(id)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Ends the frozen, checkpointed container: SIGKILL to every process, then thaw so the kernel delivers
+/// it before any of them returns to user space.
+fn end_frozen(runc: &Runc, id: &str) {
+    if let Err(e) = runc.kill(id, libc::SIGKILL as u32, true) {
+        tracing::warn!(id, error = %e, "killing the checkpointed container");
+    }
+    if let Err(e) = runc.resume(id) {
+        tracing::debug!(id, error = %e, "thawing the killed container (it may be gone already)");
+    }
+}
+
+/// Fails before anything is frozen when the bundle's filesystem cannot hold the container's memory
+/// (the sum of its processes' resident sets, what CRIU's page images take at most), naming the
+/// directory and the numbers.
+fn check_free_space(runc: &Runc, id: &str, dir: &Path) -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let resident: u64 = runc
+        .ps(id)?
+        .iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/statm")).ok())
+        .filter_map(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page)
+        .sum();
+    let needed = resident + 16 * MIB;
+    let free = free_bytes(dir)?;
+    if free < needed {
+        return Err(Error::Directory {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "container {id} holds about {} MiB of memory and its checkpoint needs about {} MiB, but only {} MiB \
+                 are free there; free space, or point checkpoint_dir at a larger filesystem",
+                resident / MIB,
+                needed / MIB,
+                free / MIB
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer could still put on `dir`'s filesystem.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::io(format!("{} has a NUL byte", dir.display()), std::io::ErrorKind::InvalidInput.into()))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs buffer the call fills.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Empties an unfinished bundle and marks it failed, keeping only the reason.
@@ -129,49 +289,15 @@ fn abandon(dir: &Path, reason: &str) {
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
             let path = entry.path();
+            if entry.file_name() == bundle::IN_PROGRESS_MARKER {
+                continue;
+            }
             let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
         }
     }
     if let Err(e) = bundle::mark_failed(dir, reason) {
         tracing::warn!(dir = %dir.display(), error = %e, "marking the abandoned bundle failed");
     }
-}
-
-fn write_bundle(
-    runc: &Runc,
-    criu: &Criu,
-    dir: &Path,
-    container: &ContainerCheckpoint,
-    opts: &CheckpointOptions,
-    started: Instant,
-) -> Result<BundleReport> {
-    let image_dir = container.layout.image_dir(dir);
-    let (report, gpu) = match &container.gpu {
-        Some(ctx) => checkpoint_container_gpu(ctx, runc, criu, &container.id, &image_dir, opts)?,
-        None => (checkpoint_container(runc, criu, &container.id, &image_dir, opts)?, None),
-    };
-    let rootfs_started = Instant::now();
-    let rootfs = match container.layout {
-        BundleLayout::Archive => write_metadata(dir, &image_dir, container, opts)?,
-        BundleLayout::TaskImage => None,
-    };
-    let rootfs_time = rootfs_started.elapsed();
-
-    let seal_started = Instant::now();
-    let mut manifest =
-        Manifest::new(HostInfo::current(report.criu_version.to_string(), runc.version()), container.identity.clone());
-    manifest.checkpoint = Some(report.clone());
-    manifest.criu_flags = Some(opts.flags.clone());
-    manifest.gpu = gpu;
-    let manifest = bundle::seal_with(dir, manifest, container.durability)?;
-    Ok(BundleReport {
-        manifest,
-        checkpoint: report,
-        rootfs,
-        rootfs_time,
-        seal_time: seal_started.elapsed(),
-        total: started.elapsed(),
-    })
 }
 
 /// What a node bundle holds beside the images: `stats-dump`, `spec.dump`, `config.dump` and the
@@ -206,7 +332,14 @@ fn write_metadata(
     fs::write(dir.join(CONFIG_DUMP), serde_json::to_vec_pretty(&config).expect("config.dump serializes"))
         .map_err(|e| Error::io(format!("writing {}", dir.join(CONFIG_DUMP).display()), e))?;
 
-    container.upperdir.as_deref().map(|upper| rootfs::capture_overlay_diff(upper, dir)).transpose()
+    let layer = container.upperdir.as_deref().map(|upper| rootfs::capture_overlay_diff(upper, dir)).transpose();
+    if layer.is_err() {
+        // A half-written layer is of no use and may hold the space the manifest needs: leave it out.
+        for file in [ROOTFS_DIFF, DELETED_FILES] {
+            let _ = fs::remove_file(dir.join(file));
+        }
+    }
+    layer
 }
 
 /// `opts` with its timeout cut to what is left of it after `started`; an error when nothing is left.
@@ -227,14 +360,13 @@ fn remaining_budget<'a>(opts: &'a CheckpointOptions, started: Instant, id: &str)
 
 /// Checkpoints container `id` into `image_dir` with the GPU state of its processes (see
 /// [`crate::gpu`]). Returns the dump's report and the manifest's GPU section, `None` when no process of the
-/// container uses a GPU. The GPU steps and the dump share `opts.timeout`.
+/// container uses a GPU. The GPU steps and `dump` (which freezes and dumps) share `opts.timeout`.
 fn checkpoint_container_gpu(
     ctx: &GpuContext,
     runc: &Runc,
-    criu: &Criu,
     id: &str,
-    image_dir: &Path,
     opts: &CheckpointOptions,
+    dump: &dyn Fn(&CheckpointOptions) -> Result<CheckpointReport>,
 ) -> Result<(CheckpointReport, Option<GpuSection>)> {
     let started = Instant::now();
     opts.validate()?;
@@ -249,7 +381,7 @@ fn checkpoint_container_gpu(
         .map_err(|e| discovery(format!("describing the GPUs of container {id}: {e}")))?;
     let Some(mut section) = section else {
         tracing::debug!(id, "no process of the container uses a GPU; checkpointing without GPU steps");
-        return Ok((checkpoint_container(runc, criu, id, image_dir, opts)?, None));
+        return Ok((dump(opts)?, None));
     };
     for process in &mut section.processes {
         process.ns_pid = Some(ns_pid(process.pid).ok_or_else(|| {
@@ -261,9 +393,9 @@ fn checkpoint_container_gpu(
     }
     let gpu_pids = found.pids();
     tracing::info!(id, backend = ctx.backend.name(), ?gpu_pids, "checkpointing GPU state with the container");
+    // A container that ends after its checkpoint keeps its GPU state checkpointed (no GPU restore).
     let report = dump_with_backend(&ctx.backend, &gpu_pids, ctx.lock_timeout, opts.leave_running, || {
-        let opts = remaining_budget(opts, started, id)?;
-        checkpoint_container(runc, criu, id, image_dir, &opts)
+        dump(&*remaining_budget(opts, started, id)?)
     })?;
     Ok((report, Some(section)))
 }

@@ -21,6 +21,10 @@ pub struct OpenOptions<'a> {
     /// task checkpoint: it is restored unverified, with a warning, with CRIU's default flags. Bundles
     /// named by a user (`kybernate.io/restore-from`) are never opened so.
     pub accept_unsealed: bool,
+    /// Accept a `PARTIAL` bundle (`kybernate.io/restore-policy: allow-partial`): its memory is
+    /// complete, verified against the manifest the marker binds; its writable layer is re-applied as
+    /// far as it was captured.
+    pub accept_partial: bool,
     /// This node's GPU context, asked for only when the bundle holds GPU state; its error says why the
     /// node's GPUs cannot be listed.
     pub gpu: &'a dyn Fn() -> std::result::Result<Arc<GpuContext>, String>,
@@ -42,6 +46,8 @@ pub struct RestorableBundle {
     pub flags: CriuFlags,
     /// The GPU state to restore after the processes, checked against this node's GPUs.
     pub gpu: Option<GpuRestorePlan>,
+    /// What is missing from a `PARTIAL` bundle opened with [`OpenOptions::accept_partial`].
+    pub partial: Option<String>,
 }
 
 impl RestorableBundle {
@@ -52,12 +58,20 @@ impl RestorableBundle {
 
     /// Re-applies the bundle's writable layer (`rootfs-diff.tar`, `deleted.files`) onto the new
     /// container's rootfs, which must not be running yet; `false` when the bundle carries none.
+    /// For a partial bundle, a layer that cannot be applied to its end is logged and left as far as it
+    /// got.
     pub fn apply_writable_layer(&self, rootfs: &Path) -> Result<bool> {
         if !rootfs::has_rootfs_diff(&self.dir) {
             return Ok(false);
         }
-        rootfs::apply_rootfs_diff(&self.dir, rootfs)?;
-        Ok(true)
+        match (rootfs::apply_rootfs_diff(&self.dir, rootfs), &self.partial) {
+            (Ok(()), _) => Ok(true),
+            (Err(e), Some(missing)) => {
+                tracing::warn!(bundle = %self.dir.display(), error = %e, %missing, "the partial bundle's writable layer was applied as far as it was captured");
+                Ok(false)
+            }
+            (Err(e), None) => Err(e),
+        }
     }
 }
 
@@ -69,11 +83,19 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
     if !dir.is_dir() {
         return Err(refuse("the directory does not exist".into()));
     }
+    let mut partial = None;
     let manifest = if opts.accept_unsealed && !dir.join(MANIFEST_FILE).exists() {
         tracing::warn!(image = %dir.display(), "checkpoint has no Kybernate manifest; restoring it unverified");
         None
     } else {
-        let manifest = bundle::verify(dir)?;
+        let manifest = if opts.accept_partial && dir.join(bundle::PARTIAL_MARKER).exists() {
+            let (manifest, missing) = bundle::verify_partial(dir)?;
+            tracing::warn!(bundle = %dir.display(), %missing, "restoring a partial checkpoint (allow-partial)");
+            partial = Some(missing);
+            manifest
+        } else {
+            bundle::verify(dir)?
+        };
         check_host(dir, &manifest, criu)?;
         Some(manifest)
     };
@@ -99,7 +121,7 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
     };
     // Images of other shims carry no flags: CRIU's defaults, as runc's restore assumes.
     let flags = manifest.as_ref().and_then(|m| m.criu_flags.clone()).unwrap_or_default();
-    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu })
+    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu, partial })
 }
 
 /// Checks that the checkpoint of `manifest` (in `dir`) can be restored here: same CPU architecture,

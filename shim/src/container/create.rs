@@ -116,7 +116,7 @@ fn open_task_checkpoint(dir: &Path, parent: &str, config: &ShimConfig, criu: &Cr
         )));
     }
     let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
-    let opts = OpenOptions { accept_unsealed: true, gpu: &gpu, gpu_match: Default::default() };
+    let opts = OpenOptions { accept_unsealed: true, accept_partial: false, gpu: &gpu, gpu_match: Default::default() };
     open_container_bundle(dir, criu, &opts).map_err(|e| match e {
         e @ (checkpoint_core::Error::Bundle { .. } | checkpoint_core::Error::BadImage { .. }) => refuse(e.to_string()),
         e => e.into(),
@@ -156,6 +156,7 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateRequest, prepared: Prepared) 
     init.io = Some(Arc::clone(&io));
 
     let fresh = restore.is_none();
+    let fetched = restore.as_ref().map(|b| b.dir.clone()).filter(|dir| dir.starts_with(&config.restore_dir));
     let container = Container {
         id: req.id.clone(),
         bundle: bundle.clone(),
@@ -172,6 +173,7 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateRequest, prepared: Prepared) 
         pod_checkpoints: Arc::clone(ctx.pod_checkpoints),
         events: Arc::clone(ctx.events),
         restore: Mutex::new(restore.map(Arc::new)),
+        fetched,
         stop_status: Mutex::new(None),
         lifecycle: Lifecycle::new(init),
     };

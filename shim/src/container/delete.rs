@@ -76,6 +76,14 @@ impl Container {
         for dir in ["checkpoint", "restore"] {
             let _ = std::fs::remove_dir_all(self.criu_work_dir(dir));
         }
+        if let Some(fetched) = &self.fetched {
+            match std::fs::remove_dir_all(fetched) {
+                Ok(()) => tracing::info!(id = %self.id, bundle = %fetched.display(), "removed the fetched bundle"),
+                Err(e) => {
+                    tracing::warn!(id = %self.id, bundle = %fetched.display(), error = %e, "removing the fetched bundle")
+                }
+            }
+        }
         self.events.send(TaskEvent::Delete {
             container_id: self.id.clone(),
             pid: deleted.pid,

@@ -81,7 +81,8 @@ pub fn resolve(
         }
         Ok(Located::Bundle(dir)) => {
             let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
-            let opts = OpenOptions { accept_unsealed: false, gpu: &gpu, gpu_match: Default::default() };
+            let accept_partial = policy == Some(RestorePolicy::AllowPartial);
+            let opts = OpenOptions { accept_unsealed: false, accept_partial, gpu: &gpu, gpu_match: Default::default() };
             open_container_bundle(&dir, criu, &opts).map_err(ShimError::from)
         }
         Err(e) => Err(e),
@@ -91,7 +92,7 @@ pub fn resolve(
             tracing::info!(id, reference, bundle = %opened.dir.display(), gpu = opened.gpu.is_some(), "restoring from bundle");
             Ok(Some(opened))
         }
-        (Err(e), RestorePolicy::Fail) => Err(ShimError::FailedPrecondition(format!(
+        (Err(e), RestorePolicy::Fail | RestorePolicy::AllowPartial) => Err(ShimError::FailedPrecondition(format!(
             "container {id} cannot be restored from {reference}: {e}; fix or replace the bundle, or set \
              {RESTORE_POLICY}: fallback-fresh to start fresh when it cannot be restored"
         ))),

@@ -98,6 +98,8 @@ pub struct Container {
     pub events: Events,
     /// The checkpoint to restore at Start, when Create carried one (opened and checked at Create).
     pub restore: Mutex<Option<Arc<RestorableBundle>>>,
+    /// A bundle the sidecar fetched into `restore_dir` for this container, removed at Delete.
+    pub fetched: Option<PathBuf>,
     /// The exit status to report for init when it was checkpointed on stop (CRIU ends it with
     /// SIGKILL; containerd is told it stopped on the stop signal it sent).
     pub stop_status: Mutex<Option<u32>>,

@@ -3,9 +3,12 @@
 //! directory before it exits, and containerd is told it stopped on that signal.
 //!
 //! The Kill request returns once the bundle is sealed (so CRI's grace period starts after the
-//! checkpoint). A checkpoint that fails or runs past the configured budget is abandoned: CRIU leaves
-//! the container running (a frozen one is thawed), the bundle is emptied and marked `FAILED`, the
-//! failure is logged, and the stop signal is delivered as if Kybernate were not there.
+//! checkpoint): the container is frozen for the dump and killed only after the seal, so its exit
+//! never reaches containerd before the bundle is durable. One budget covers the GPU steps, the dump
+//! and the seal. If the dump fails or runs past it, the container is thawed and runs on, the bundle
+//! is emptied and marked `FAILED`; if a step after the dump fails, the images are kept and the bundle
+//! marked `PARTIAL`. Either way the failure is logged (saying which) and the stop signal is delivered
+//! as if Kybernate were not there.
 //!
 //! On a node with NVML, the container's processes that use a GPU are locked and their GPU state
 //! checkpointed around the dump by the configured `gpu_backend` (rolled back on failure), and the
@@ -96,22 +99,36 @@ impl Container {
                     bytes = report.checkpoint.image_bytes,
                     "checkpointed on stop"
                 );
+                if let Some(container_dir) = dir.parent() {
+                    let keep = self.config.keep_bundles;
+                    for removed in
+                        checkpoint_core::bundle::prune(container_dir, keep, self.config.failed_bundle_grace())
+                    {
+                        tracing::info!(id = %self.id, bundle = %removed.display(), keep, "removed an old bundle");
+                    }
+                }
                 true
             }
             Err(e) => {
-                // Only a container runc no longer knows is gone (CRIU finished the dump, then something
-                // failed); when in doubt the stop signal is delivered, so the container still stops.
-                let gone = matches!(self.runc.state(&self.id), Ok(None));
+                // The container runs on (checkpoint-core thawed it), so the stop signal is delivered and
+                // it stops as it would without Kybernate. Should runc no longer know it, or know it stopped, it is
+                // gone and there is nothing to signal.
+                let gone = match self.runc.state(&self.id) {
+                    Ok(None) => true,
+                    Ok(Some(state)) => state.status == checkpoint_core::runc::ContainerStatus::Stopped,
+                    Err(_) => false,
+                };
                 if !gone {
                     *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
-                tracing::warn!(
-                    id = %self.id,
-                    bundle = %dir.display(),
-                    error = %e,
-                    container_gone = gone,
-                    "checkpoint on stop failed; the bundle is marked FAILED and the container stops without it"
-                );
+                let outcome = match &e {
+                    checkpoint_core::Error::Partial { .. } => {
+                        "checkpoint on stop is PARTIAL: its CRIU images are kept (restore-policy: allow-partial \
+                         restores it); the container stops on the signal"
+                    }
+                    _ => "checkpoint on stop failed; the bundle is marked FAILED and the container stops on the signal",
+                };
+                tracing::warn!(id = %self.id, bundle = %dir.display(), error = %e, container_gone = gone, "{outcome}");
                 gone
             }
         }
