@@ -91,6 +91,49 @@ impl Spawner {
         cmd.output()
     }
 
+    /// `cmd.output()` inside a span, killing the command's process group once `timeout` has passed
+    /// (the error is then `TimedOut`, naming the timeout). For tools the embedder runs itself, such
+    /// as the sidecar the shim runs to fetch a bundle.
+    pub fn output_within(&self, cmd: &mut Command, timeout: Duration) -> std::io::Result<Output> {
+        tracing::debug!(?cmd, ?timeout, "running");
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let _span = self.span();
+        let mut child = cmd.spawn()?;
+        let readers = [
+            child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>),
+            child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>),
+        ]
+        .map(|stream| {
+            stream.map(|mut r| {
+                std::thread::spawn(move || {
+                    let mut bytes = Vec::new();
+                    let _ = r.read_to_end(&mut bytes);
+                    bytes
+                })
+            })
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(-(child.id() as i32)),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.wait();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{:?} did not finish within {timeout:?} and was killed", cmd.get_program()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let [stdout, stderr] = readers.map(|r| r.and_then(|t| t.join().ok()).unwrap_or_default());
+        Ok(Output { status, stdout, stderr })
+    }
+
     /// Runs `cmd` to completion inside a span, killing it after `timeout`. Stdout is discarded;
     /// stderr is captured unless the caller set it (then `capture_stderr` is false and the caller's
     /// stdio is left alone).
@@ -208,6 +251,15 @@ mod tests {
             spawner.run(Command::new("true"), None, true).unwrap();
         }
         assert_eq!((hook.open.load(Ordering::SeqCst), hook.max.load(Ordering::SeqCst)), (0, 2));
+        let out = spawner
+            .output_within(Command::new("sh").args(["-c", "echo out; echo err >&2"]), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!((out.stdout.as_slice(), out.stderr.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
+        let started = Instant::now();
+        let err = spawner.output_within(Command::new("sleep").arg("10"), Duration::from_millis(100)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("did not finish within 100ms") && started.elapsed() < Duration::from_secs(5));
+        assert_eq!(hook.open.load(Ordering::SeqCst), 0);
         assert_eq!(spawner, spawner.clone());
         assert_ne!(spawner, Spawner::default());
     }

@@ -17,6 +17,7 @@
 //! failed_bundle_grace = "24h"          # FAILED bundles are removed this long after they failed
 //! restore_dir = "/var/lib/kybernate/restore"  # where remote bundles are fetched for a restore
 //! sidecar_binary = "kybernate-sidecar" # fetches remote bundles (`kybernate-sidecar pull`)
+//! fetch_timeout = "10m"                # a fetch that takes longer is killed and the Create fails
 //! gpu_backend = "auto"                 # auto | driver-api | cuda-checkpoint | criu-plugin | off
 //! ```
 //!
@@ -45,6 +46,8 @@ pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/kybernate/restore";
 pub const DEFAULT_CHECKPOINT_BUDGET: Duration = Duration::from_secs(120);
 /// How long a pod checkpoint stays open unless the file says otherwise.
 pub const DEFAULT_POD_CHECKPOINT_WINDOW: Duration = Duration::from_secs(30);
+/// How long a fetch may take unless the file says otherwise.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a FAILED bundle stays unless the file says otherwise.
 pub const DEFAULT_FAILED_BUNDLE_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Every value `gpu_backend` accepts.
@@ -92,6 +95,8 @@ pub struct ShimConfig {
     pub restore_dir: PathBuf,
     /// The sidecar binary that fetches remote bundles (a bare name is looked up on PATH).
     pub sidecar_binary: PathBuf,
+    /// How long fetching a remote bundle may take before the sidecar is killed and Create fails.
+    pub fetch_timeout: String,
     /// Who checkpoints and restores the GPU state of containers that use a GPU: `auto`, `driver-api`,
     /// `cuda-checkpoint`, `criu-plugin` or `off` (see `docs/gpu.md`).
     pub gpu_backend: String,
@@ -114,6 +119,7 @@ impl Default for ShimConfig {
             failed_bundle_grace: "24h".into(),
             restore_dir: PathBuf::from(DEFAULT_RESTORE_DIR),
             sidecar_binary: PathBuf::from("kybernate-sidecar"),
+            fetch_timeout: "10m".into(),
             gpu_backend: GpuBackendChoice::Auto.as_str().into(),
         }
     }
@@ -162,6 +168,11 @@ impl ShimConfig {
         humantime::parse_duration(&self.pod_checkpoint_window).unwrap_or(DEFAULT_POD_CHECKPOINT_WINDOW)
     }
 
+    /// How long a fetch may take (validated when the file was read).
+    pub fn fetch_timeout(&self) -> Duration {
+        humantime::parse_duration(&self.fetch_timeout).unwrap_or(DEFAULT_FETCH_TIMEOUT)
+    }
+
     /// How long a FAILED bundle stays (validated when the file was read).
     pub fn failed_bundle_grace(&self) -> Duration {
         humantime::parse_duration(&self.failed_bundle_grace).unwrap_or(DEFAULT_FAILED_BUNDLE_GRACE)
@@ -197,9 +208,11 @@ impl ShimConfig {
                 )))
             }
         }
-        for (key, value) in
-            [("pod_checkpoint_window", &self.pod_checkpoint_window), ("failed_bundle_grace", &self.failed_bundle_grace)]
-        {
+        for (key, value) in [
+            ("pod_checkpoint_window", &self.pod_checkpoint_window),
+            ("failed_bundle_grace", &self.failed_bundle_grace),
+            ("fetch_timeout", &self.fetch_timeout),
+        ] {
             if let Err(e) = humantime::parse_duration(value) {
                 return Err(invalid(format!(
                     "{key} {value:?} is not a duration ({e}); write it like \"30s\" or \"24h\""

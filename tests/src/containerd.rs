@@ -48,7 +48,7 @@ pub struct ContainerdOptions {
     /// containerd config (version 2) tables for the CRI plugin, appended to the config; `None`
     /// disables the plugin.
     pub cri_plugin: Option<String>,
-    /// Lines appended to the shim config.
+    /// Lines of the shim config; a key set here replaces the instance's default for it.
     pub shim_config: String,
 }
 
@@ -96,15 +96,21 @@ impl Containerd {
         )?;
         let runc_root = d.join("runc");
         let shim_config = d.join("kybernate.toml");
-        fs::write(
-            &shim_config,
-            format!(
-                "runc_root = \"{}\"\nlog_level = \"debug\"\ncriu_binary = \"{}\"\n{}",
-                runc_root.display(),
-                criu.display(),
-                options.shim_config,
-            ),
-        )?;
+        // The instance's defaults, unless the options set the same key.
+        let defaults = [
+            ("runc_root", runc_root.display().to_string()),
+            ("log_level", "debug".into()),
+            ("criu_binary", criu.display().to_string()),
+        ];
+        let set_by_options =
+            |key: &str| options.shim_config.lines().any(|l| l.split('=').next().map(str::trim) == Some(key));
+        let mut text: String = defaults
+            .iter()
+            .filter(|(key, _)| !set_by_options(key))
+            .map(|(key, value)| format!("{key} = {value:?}\n"))
+            .collect();
+        text.push_str(&options.shim_config);
+        fs::write(&shim_config, text)?;
         let log = d.join("containerd.log");
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
         // containerd 1.6 extracts checkpoints for restore into $XDG_RUNTIME_DIR and never removes them.

@@ -189,3 +189,89 @@ fn two_containers_stopping_at_once_get_a_bundle_each() {
         bundle::verify(&dir).unwrap();
     }
 }
+
+/// The exit status the shim reports for `id`'s init process (its Wait answer), once it exited.
+fn exit_status(c: &Containerd, id: &str) -> u32 {
+    let wait = containerd_shim_protos::shim::shim::WaitRequest { id: id.into(), ..Default::default() };
+    shim_client(c, id).wait(ttrpc_timeout(), &wait).unwrap().exit_status
+}
+
+#[test]
+fn without_criu_a_stop_fails_its_checkpoint_clearly_and_the_container_stops_on_its_signal() {
+    let (c, image) = setup_with(&format!("{CHECKPOINTS}criu_binary = \"/nonexistent/criu\"\n"));
+    run_counter(&c, image, "nocriu", &["--annotation", OPT_IN], TRAPPING_COUNTER);
+    c.ctr_ok(&["tasks", "kill", "nocriu"]).unwrap();
+    c.wait_task_status("nocriu", "STOPPED", TIMEOUT).unwrap();
+    assert_eq!(exit_status(&c, "nocriu"), 7, "SIGTERM reached the container and its trap ran");
+    let found = bundles(&c);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let reason = fs::read_to_string(found[0].join(FAILED_MARKER)).unwrap();
+    assert!(reason.contains("CRIU not found at /nonexistent/criu") && reason.contains("make deps"), "{reason}");
+    remove_task(&c, "nocriu");
+}
+
+#[test]
+fn a_shim_killed_mid_checkpoint_leaves_a_bundle_the_next_shim_marks_interrupted() {
+    let (c, image) = setup_with(CHECKPOINTS);
+    // A large writable layer keeps the checkpoint busy long enough to kill its shim in the middle.
+    let script = format!("dd if=/dev/zero of=/state/big bs=1M count=400 2>/dev/null; {COUNTER_SCRIPT}");
+    ctr_run(&c, &["-d", "--annotation", OPT_IN], image, "victim", &["sh", "-c", &script])
+        .unwrap()
+        .ok("ctr run")
+        .unwrap();
+    counter_past(&c, "victim", 3);
+    let shim = c.shim_pids_for("victim");
+    assert_eq!(shim.len(), 1, "{shim:?}");
+    let in_progress = std::thread::scope(|s| {
+        let kill = s.spawn(|| c.ctr_run(&["tasks", "kill", "victim"], TIMEOUT));
+        let marker = wait_for("the checkpoint to start", TIMEOUT, || {
+            let root = checkpoint_root(&c).join(&c.namespace).join("victim").join("victim");
+            let dir = fs::read_dir(root).ok()?.flatten().next()?.path();
+            dir.join(bundle::IN_PROGRESS_MARKER).is_file().then_some(dir)
+        })
+        .unwrap();
+        kybernate_tests::kill_and_reap(shim[0]);
+        let _ = kill.join();
+        marker
+    });
+    assert!(!in_progress.join(COMPLETE_MARKER).exists());
+    // The next shim to start (any container) marks it FAILED as interrupted, and deletes nothing.
+    run_counter(&c, image, "next", &[], COUNTER_SCRIPT);
+    let reason = wait_for("the interrupted bundle to be marked", TIMEOUT, || {
+        fs::read_to_string(in_progress.join(FAILED_MARKER)).ok()
+    })
+    .unwrap();
+    assert!(reason.starts_with("interrupted: its writer (pid ") && reason.contains(&shim[0].to_string()), "{reason}");
+    assert!(!in_progress.join(bundle::IN_PROGRESS_MARKER).exists());
+    remove_task(&c, "next");
+}
+
+#[test]
+fn a_sigkill_during_a_checkpoint_on_stop_waits_for_it() {
+    let (c, image) = setup_with(CHECKPOINTS);
+    let script = format!("dd if=/dev/zero of=/state/big bs=1M count=300 2>/dev/null; {COUNTER_SCRIPT}");
+    ctr_run(&c, &["-d", "--annotation", OPT_IN], image, "hurried", &["sh", "-c", &script])
+        .unwrap()
+        .ok("ctr run")
+        .unwrap();
+    counter_past(&c, "hurried", 3);
+    std::thread::scope(|s| {
+        let term = s.spawn(|| c.ctr_run(&["tasks", "kill", "hurried"], TIMEOUT));
+        wait_for("the checkpoint to start", TIMEOUT, || {
+            let root = checkpoint_root(&c).join(&c.namespace).join("hurried").join("hurried");
+            let dir = fs::read_dir(root).ok()?.flatten().next()?.path();
+            dir.join(bundle::IN_PROGRESS_MARKER).is_file().then_some(())
+        })
+        .unwrap();
+        // kubelet's SIGKILL at the end of the grace period: it waits for the checkpoint, then succeeds
+        let kill = c.ctr_run(&["tasks", "kill", "--signal", "SIGKILL", "hurried"], TIMEOUT).unwrap();
+        assert_eq!(kill.code, Some(0), "{kill:?}");
+        assert_eq!(term.join().unwrap().unwrap().code, Some(0));
+    });
+    c.wait_task_status("hurried", "STOPPED", TIMEOUT).unwrap();
+    assert_eq!(exit_status(&c, "hurried"), 143, "the checkpoint finished and the exit is SIGTERM's");
+    let found = bundles(&c);
+    assert_eq!(found.len(), 1, "{found:?}");
+    bundle::verify(&found[0]).expect("the checkpoint SIGKILL waited for is sealed");
+    remove_task(&c, "hurried");
+}

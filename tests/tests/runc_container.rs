@@ -399,3 +399,26 @@ fn a_full_disk_after_the_dump_keeps_the_images_as_partial_and_the_container_runn
     let before = read_counter(&container.bundle).unwrap();
     wait_counter_past(&container.bundle, before).unwrap();
 }
+
+#[test]
+fn a_disk_without_room_for_the_memory_is_refused_before_anything_is_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-full");
+    let disk = Tmpfs::mount(&dir.path().join("tiny-disk"), "4m");
+    let bundle_dir = disk.0.join("bundle");
+    let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
+    let err = checkpoint_core::checkpoint_container_bundle(
+        &runc,
+        &Criu::from_path(),
+        &bundle_dir,
+        &stop_request(&container, &dir.path().join("no-layer")),
+        &opts,
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Directory { .. }), "{text}");
+    assert!(text.contains(&bundle_dir.display().to_string()) && text.contains("MiB are free there"), "{text}");
+    assert!(!dir.path().join("dump-work").join("dump.log").exists(), "CRIU never ran");
+    assert_eq!(container.status().as_deref(), Some("running"), "never frozen");
+    assert!(bundle_dir.join(checkpoint_core::bundle::FAILED_MARKER).is_file());
+}

@@ -26,6 +26,15 @@ impl Container {
             if self.checkpoint_on_stop && is_stop_signal(signal) && self.checkpoint_before_stop(signal) {
                 return Ok(());
             }
+            if signal == libc::SIGKILL as u32 {
+                // A checkpoint on stop in progress finishes first (bounded by its budget): killing the
+                // container in the middle would lose both it and its checkpoint.
+                let _ops = self.ops();
+                return match self.runc.kill(&self.id, signal, all) {
+                    Err(_) if self.gone() => Ok(()),
+                    other => Ok(other?),
+                };
+            }
             return Ok(self.runc.kill(&self.id, signal, all)?);
         }
         let sig = nix::sys::signal::Signal::try_from(signal as i32)

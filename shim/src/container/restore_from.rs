@@ -19,11 +19,12 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use checkpoint_core::pod::{self, DirKind, Selection};
 use checkpoint_core::reference::BundleRef;
-use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle};
+use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, SpawnHook, Spawner};
 
 use crate::annotations::{
     is_sandbox, restore_policy, RestorePolicy, CONTAINER_NAME, RESTORE_FROM, RESTORE_FROM_CONTAINER_PREFIX,
@@ -54,7 +55,7 @@ pub fn resolve(
     id: &str,
     config: &ShimConfig,
     criu: &Criu,
-    reaper: &Reaper,
+    reaper: &Arc<Reaper>,
 ) -> Result<Option<RestorableBundle>> {
     let name = spec.annotation(CONTAINER_NAME).unwrap_or(id);
     let own = format!("{RESTORE_FROM_CONTAINER_PREFIX}{name}");
@@ -105,7 +106,7 @@ pub fn resolve(
 
 /// Follows `reference` to this container's bundle: in place, from a pod checkpoint on this node, or
 /// fetched by the sidecar (one archive, or this container's from a pod checkpoint in a store).
-fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reaper: &Reaper) -> Result<Located> {
+fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reaper: &Arc<Reaper>) -> Result<Located> {
     let (target, at) = pod::split_time(reference);
     let parsed = BundleRef::parse(target)?;
     let pod_prefix = match &parsed {
@@ -149,7 +150,7 @@ fn fetch(
     container: Option<&str>,
     id: &str,
     config: &ShimConfig,
-    reaper: &Reaper,
+    reaper: &Arc<Reaper>,
 ) -> Result<Located> {
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     let dest = config.restore_dir.join(format!("{id}-{stamp}"));
@@ -166,15 +167,20 @@ fn fetch(
         cmd.arg("--container").arg(container);
     }
     cmd.arg(&target).arg(&dest).stdin(Stdio::null());
-    let output = {
-        let _guard = reaper.guard();
-        cmd.output().map_err(|e| {
-            ShimError::Unavailable(format!(
-                "cannot run {} to fetch {target}: {e}; install kybernate-sidecar or set sidecar_binary in the shim config",
-                config.sidecar_binary.display()
-            ))
-        })?
-    };
+    let timeout = config.fetch_timeout();
+    let output =
+        Spawner::hooked(Arc::clone(reaper) as Arc<dyn SpawnHook>).output_within(&mut cmd, timeout).map_err(|e| {
+            let fix = match e.kind() {
+                std::io::ErrorKind::TimedOut => {
+                    "raise fetch_timeout in the shim config, or check the store".to_string()
+                }
+                _ => format!(
+                    "install kybernate-sidecar or set sidecar_binary in the shim config (now {})",
+                    config.sidecar_binary.display()
+                ),
+            };
+            ShimError::Unavailable(format!("fetching {target} with kybernate-sidecar pull: {e}; {fix}"))
+        })?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let said = stderr.trim().lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
     match output.status.code() {

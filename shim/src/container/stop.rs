@@ -34,6 +34,15 @@ pub fn is_stop_signal(signal: u32) -> bool {
 }
 
 impl Container {
+    /// Whether runc no longer knows the container, or knows it stopped.
+    pub fn gone(&self) -> bool {
+        match self.runc.state(&self.id) {
+            Ok(None) => true,
+            Ok(Some(state)) => state.status == checkpoint_core::runc::ContainerStatus::Stopped,
+            Err(_) => false,
+        }
+    }
+
     /// Checkpoints the running container into a new bundle before it stops on `signal`. Returns
     /// whether it did: then the container is gone and its exit is reported as `128 + signal`.
     /// Otherwise (not running, or the checkpoint failed) the caller delivers the signal.
@@ -113,11 +122,7 @@ impl Container {
                 // The container runs on (checkpoint-core thawed it), so the stop signal is delivered and
                 // it stops as it would without Kybernate. Should runc no longer know it, or know it stopped, it is
                 // gone and there is nothing to signal.
-                let gone = match self.runc.state(&self.id) {
-                    Ok(None) => true,
-                    Ok(Some(state)) => state.status == checkpoint_core::runc::ContainerStatus::Stopped,
-                    Err(_) => false,
-                };
+                let gone = self.gone();
                 if !gone {
                     *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
