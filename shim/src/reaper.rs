@@ -22,7 +22,12 @@ use crate::error::{Result, ShimError};
 
 /// Called with `(pid, exit status)` for every watched process that exits; the status is the exit
 /// code, or 128 + the signal number for a process killed by a signal (as containerd reports it).
-pub type ExitHandler = Box<dyn Fn(i32, u32) + Send + Sync>;
+/// Returns whether a container claimed the exit; an unclaimed one is kept for
+/// [`Reaper::replay_unclaimed`].
+pub type ExitHandler = Box<dyn Fn(i32, u32) -> bool + Send + Sync>;
+
+/// How many unclaimed exits are kept (the oldest go first).
+const MAX_UNCLAIMED: usize = 64;
 
 #[derive(Default)]
 struct State {
@@ -30,12 +35,16 @@ struct State {
     tools: usize,
     /// Workload processes whose exits are reported.
     watched: HashSet<i32>,
+    /// Exits of watched processes that no container claimed yet: a process that exits while its
+    /// container is still being created (the container table is not locked across Create).
+    unclaimed: Vec<(i32, u32)>,
 }
 
 /// The shim's reaper. Create one per process with [`Reaper::start`].
 pub struct Reaper {
     state: Mutex<State>,
     wake: UnixStream,
+    on_exit: ExitHandler,
 }
 
 /// Held while a tool (runc, CRIU) runs as a child of the shim; see the module docs.
@@ -73,7 +82,7 @@ impl Reaper {
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, signal_tx)
             .map_err(|e| ShimError::io("installing the SIGCHLD handler", e))?;
         tx.set_nonblocking(true).map_err(|e| ShimError::io("configuring the SIGCHLD pipe", e))?;
-        let reaper = Arc::new(Reaper { state: Mutex::new(State::default()), wake: tx });
+        let reaper = Arc::new(Reaper { state: Mutex::new(State::default()), wake: tx, on_exit });
         let worker = Arc::clone(&reaper);
         std::thread::Builder::new()
             .name("reaper".into())
@@ -90,7 +99,7 @@ impl Reaper {
                         }
                     }
                     for (pid, status) in worker.reap() {
-                        on_exit(pid, status);
+                        worker.report(pid, status);
                     }
                 }
             })
@@ -104,7 +113,28 @@ impl Reaper {
     pub(crate) fn inert() -> Arc<Reaper> {
         let (_, wake) = UnixStream::pair().expect("a socket pair");
         wake.set_nonblocking(true).expect("a non-blocking socket");
-        Arc::new(Reaper { state: Mutex::new(State::default()), wake })
+        Arc::new(Reaper { state: Mutex::new(State::default()), wake, on_exit: Box::new(|_, _| false) })
+    }
+
+    /// Hands an exit to the handler, keeping it when no container claims it.
+    fn report(&self, pid: i32, status: u32) {
+        if !(self.on_exit)(pid, status) {
+            tracing::debug!(pid, status, "exit not claimed yet; kept until its container is added");
+            let mut state = self.lock();
+            if state.unclaimed.len() == MAX_UNCLAIMED {
+                state.unclaimed.remove(0);
+            }
+            state.unclaimed.push((pid, status));
+        }
+    }
+
+    /// Offers the kept, unclaimed exits to the handler again: call it once a new container is in the
+    /// table, so an init process that exited while its container was being created is reported.
+    pub fn replay_unclaimed(&self) {
+        let pending = std::mem::take(&mut self.lock().unclaimed);
+        for (pid, status) in pending {
+            self.report(pid, status);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -120,6 +150,7 @@ impl Reaper {
 
     /// Reports the exit of `pid` (a workload process re-parented to the shim) to the exit handler.
     /// Register it before dropping the guard of the tool that started it, so no exit is missed.
+    /// (The exit of a pid that is unwatched again is still reaped, but reported to no one.)
     pub fn watch(&self, pid: i32) {
         if pid > 0 {
             self.lock().watched.insert(pid);
@@ -183,5 +214,42 @@ fn wait_one(pid: Pid) -> Option<u32> {
             // still running, stopped, or not (yet) our child
             _ => None,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_no_container_claims_yet_is_reported_once_one_does() {
+        let claimable = Arc::new(Mutex::new(HashSet::new()));
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let (claim, seen) = (Arc::clone(&claimable), Arc::clone(&reported));
+        let (_, wake) = UnixStream::pair().unwrap();
+        let reaper = Reaper {
+            state: Mutex::new(State::default()),
+            wake,
+            on_exit: Box::new(move |pid, status| {
+                let claimed = claim.lock().unwrap().contains(&pid);
+                if claimed {
+                    seen.lock().unwrap().push((pid, status));
+                }
+                claimed
+            }),
+        };
+        reaper.report(41, 0);
+        reaper.report(42, 143);
+        assert!(reported.lock().unwrap().is_empty());
+        claimable.lock().unwrap().insert(42);
+        reaper.replay_unclaimed();
+        assert_eq!(*reported.lock().unwrap(), [(42, 143)], "reported once its container is added");
+        reaper.replay_unclaimed();
+        assert_eq!(reported.lock().unwrap().len(), 1, "reported once only");
+        assert_eq!(reaper.lock().unclaimed, [(41, 0)], "one nobody claims stays kept");
+        for pid in 0..MAX_UNCLAIMED as i32 + 5 {
+            reaper.report(1000 + pid, 0);
+        }
+        assert_eq!(reaper.lock().unclaimed.len(), MAX_UNCLAIMED, "bounded");
     }
 }

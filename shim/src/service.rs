@@ -4,7 +4,7 @@
 //! container table; what the containers are (runc in the shim, a fake in the tests below) is the
 //! runtime's business.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use containerd_shim::api::{
@@ -33,6 +33,8 @@ pub fn lock<I>(table: &ContainerTable<I>) -> MutexGuard<'_, HashMap<String, Arc<
 pub struct TaskService<R: Runtime> {
     runtime: R,
     containers: ContainerTable<R::Instance>,
+    /// Ids of Creates in progress, so one id is never created twice at once.
+    creating: Mutex<HashSet<String>>,
     exit: Arc<ExitSignal>,
     shutdown: Once,
 }
@@ -41,7 +43,7 @@ impl<R: Runtime> TaskService<R> {
     /// Serves the containers `runtime` creates, kept in `containers`; Shutdown with no container left
     /// signals `exit`.
     pub fn new(runtime: R, containers: ContainerTable<R::Instance>, exit: Arc<ExitSignal>) -> Self {
-        TaskService { runtime, containers, exit, shutdown: Once::new() }
+        TaskService { runtime, containers, creating: Mutex::default(), exit, shutdown: Once::new() }
     }
 
     fn container(&self, id: &str) -> Result<Arc<R::Instance>> {
@@ -52,20 +54,22 @@ impl<R: Runtime> TaskService<R> {
     }
 
     fn do_create(&self, req: &CreateTaskRequest) -> Result<CreateTaskResponse> {
-        let exists = || ShimError::AlreadyExists(format!("container {} already exists", req.id));
-        if lock(&self.containers).contains_key(&req.id) {
-            return Err(exists());
-        }
         let request = convert::create_request(req)?;
-        let prepared = self.runtime.prepare(&request)?;
-        // Held across the create so that an exit right after the container starts finds it.
-        let mut containers = lock(&self.containers);
-        if containers.contains_key(&req.id) {
-            return Err(exists());
+        {
+            let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            if lock(&self.containers).contains_key(&req.id) || !creating.insert(req.id.clone()) {
+                return Err(ShimError::AlreadyExists(format!("container {} already exists", req.id)));
+            }
         }
-        let container = self.runtime.create(&request, prepared)?;
+        // The table is not locked while the container is created, so the pod's other containers are
+        // served meanwhile; an exit that comes before the container is in the table is kept and
+        // reported once it is (`Runtime::added`).
+        let created = self.runtime.prepare(&request).and_then(|prepared| self.runtime.create(&request, prepared));
+        self.creating.lock().unwrap_or_else(|p| p.into_inner()).remove(&req.id);
+        let container = created?;
         let pid = container.pid();
-        containers.insert(req.id.clone(), container);
+        lock(&self.containers).insert(req.id.clone(), Arc::clone(&container));
+        self.runtime.added(&container);
         Ok(CreateTaskResponse { pid, ..Default::default() })
     }
 

@@ -162,8 +162,7 @@ fn serve(namespace: &str, exit: Arc<ExitSignal>, publisher: RemotePublisher) -> 
     let reaper = Reaper::start(Box::new(move |pid, status| {
         let all: Vec<Arc<Container>> = lock(&table).values().cloned().collect();
         let Some((container, io)) = all.into_iter().find_map(|c| c.claim_exit(pid).map(|io| (c, io))) else {
-            tracing::debug!(pid, status, "exit of a process no container claims");
-            return;
+            return false;
         };
         // Output still in the pipes or the pty reaches containerd before the exit is reported
         // (clients close their FIFOs once Wait returns). Drained off the reaper thread.
@@ -178,6 +177,7 @@ fn serve(namespace: &str, exit: Arc<ExitSignal>, publisher: RemotePublisher) -> 
             tracing::warn!(pid, error = %e, "no thread to drain the output; recording the exit now");
             container.record_exit(pid, status);
         }
+        true
     }))?;
     let runtime = RuncRuntime { namespace: namespace.to_string(), reaper, events, pod_checkpoints: Arc::default() };
     Ok(TaskService::new(runtime, containers, exit))

@@ -174,7 +174,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// The side-effect-free part of Create, run before the container table is locked (it may take a
     /// while: a checkpoint is verified).
     fn prepare(&self, req: &CreateRequest) -> Result<Self::Prepared>;
-    /// Creates the container; on error nothing is left behind. Runs with the container table locked,
-    /// so a process that exits at once finds its container.
+    /// Creates the container; on error nothing is left behind. Runs without the container table
+    /// locked (a Create may take seconds: mounts, a writable layer, a terminal), so other containers'
+    /// requests go on meanwhile.
     fn create(&self, req: &CreateRequest, prepared: Self::Prepared) -> Result<Arc<Self::Instance>>;
+    /// Told once the new container is in the table: a process of it that exited meanwhile can now be
+    /// reported.
+    fn added(&self, _container: &Arc<Self::Instance>) {}
 }

@@ -210,26 +210,34 @@ fn without_criu_a_stop_fails_its_checkpoint_clearly_and_the_container_stops_on_i
     remove_task(&c, "nocriu");
 }
 
+/// Runs an opted-in counter `id` that first writes `mib` MiB into its writable layer, so that its
+/// checkpoint takes a while.
+fn run_big_counter(c: &Containerd, image: &str, id: &str, mib: u32) {
+    let script = format!("dd if=/dev/zero of=/state/big bs=1M count={mib} 2>/dev/null; {COUNTER_SCRIPT}");
+    ctr_run(c, &["-d", "--annotation", OPT_IN], image, id, &["sh", "-c", &script]).unwrap().ok("ctr run").unwrap();
+    counter_past(c, id, 3);
+}
+
+/// Waits until a checkpoint on stop of `id` is being written; its bundle directory.
+fn checkpoint_in_progress(c: &Containerd, id: &str) -> PathBuf {
+    wait_for("the checkpoint to start", TIMEOUT, || {
+        let root = checkpoint_root(c).join(&c.namespace).join(id).join(id);
+        let dir = fs::read_dir(root).ok()?.flatten().next()?.path();
+        dir.join(bundle::IN_PROGRESS_MARKER).is_file().then_some(dir)
+    })
+    .unwrap()
+}
+
 #[test]
 fn a_shim_killed_mid_checkpoint_leaves_a_bundle_the_next_shim_marks_interrupted() {
     let (c, image) = setup_with(CHECKPOINTS);
     // A large writable layer keeps the checkpoint busy long enough to kill its shim in the middle.
-    let script = format!("dd if=/dev/zero of=/state/big bs=1M count=400 2>/dev/null; {COUNTER_SCRIPT}");
-    ctr_run(&c, &["-d", "--annotation", OPT_IN], image, "victim", &["sh", "-c", &script])
-        .unwrap()
-        .ok("ctr run")
-        .unwrap();
-    counter_past(&c, "victim", 3);
+    run_big_counter(&c, image, "victim", 400);
     let shim = c.shim_pids_for("victim");
     assert_eq!(shim.len(), 1, "{shim:?}");
     let in_progress = std::thread::scope(|s| {
         let kill = s.spawn(|| c.ctr_run(&["tasks", "kill", "victim"], TIMEOUT));
-        let marker = wait_for("the checkpoint to start", TIMEOUT, || {
-            let root = checkpoint_root(&c).join(&c.namespace).join("victim").join("victim");
-            let dir = fs::read_dir(root).ok()?.flatten().next()?.path();
-            dir.join(bundle::IN_PROGRESS_MARKER).is_file().then_some(dir)
-        })
-        .unwrap();
+        let marker = checkpoint_in_progress(&c, "victim");
         kybernate_tests::kill_and_reap(shim[0]);
         let _ = kill.join();
         marker
@@ -249,20 +257,10 @@ fn a_shim_killed_mid_checkpoint_leaves_a_bundle_the_next_shim_marks_interrupted(
 #[test]
 fn a_sigkill_during_a_checkpoint_on_stop_waits_for_it() {
     let (c, image) = setup_with(CHECKPOINTS);
-    let script = format!("dd if=/dev/zero of=/state/big bs=1M count=300 2>/dev/null; {COUNTER_SCRIPT}");
-    ctr_run(&c, &["-d", "--annotation", OPT_IN], image, "hurried", &["sh", "-c", &script])
-        .unwrap()
-        .ok("ctr run")
-        .unwrap();
-    counter_past(&c, "hurried", 3);
+    run_big_counter(&c, image, "hurried", 300);
     std::thread::scope(|s| {
         let term = s.spawn(|| c.ctr_run(&["tasks", "kill", "hurried"], TIMEOUT));
-        wait_for("the checkpoint to start", TIMEOUT, || {
-            let root = checkpoint_root(&c).join(&c.namespace).join("hurried").join("hurried");
-            let dir = fs::read_dir(root).ok()?.flatten().next()?.path();
-            dir.join(bundle::IN_PROGRESS_MARKER).is_file().then_some(())
-        })
-        .unwrap();
+        checkpoint_in_progress(&c, "hurried");
         // kubelet's SIGKILL at the end of the grace period: it waits for the checkpoint, then succeeds
         let kill = c.ctr_run(&["tasks", "kill", "--signal", "SIGKILL", "hurried"], TIMEOUT).unwrap();
         assert_eq!(kill.code, Some(0), "{kill:?}");

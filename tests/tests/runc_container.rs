@@ -241,6 +241,25 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
     }
 }
 
+/// A stop checkpoint (`leave_running: false`) of `container` with the writable layer `upperdir` into
+/// `bundle_dir`, CRIU's log in `<dir>/dump-work`.
+fn stop_checkpoint(
+    runc: &Runc,
+    container: &RuncContainer,
+    dir: &Path,
+    upperdir: &Path,
+    bundle_dir: &Path,
+) -> checkpoint_core::Result<checkpoint_core::BundleReport> {
+    let opts = CheckpointOptions { work_dir: Some(dir.join("dump-work")), ..Default::default() };
+    checkpoint_core::checkpoint_container_bundle(
+        runc,
+        &Criu::from_path(),
+        bundle_dir,
+        &stop_request(container, upperdir),
+        &opts,
+    )
+}
+
 /// What a stop checkpoint (`leave_running: false`) of `container` into `dir` is told.
 fn stop_request(container: &RuncContainer, upperdir: &Path) -> checkpoint_core::ContainerCheckpoint {
     checkpoint_core::ContainerCheckpoint {
@@ -300,7 +319,6 @@ fn a_stop_checkpoint_keeps_the_tasks_frozen_until_the_seal_and_then_ends_them() 
     let (runc, container) = start(dir.path(), "ck-frozen");
     let upper = big_layer(dir.path(), 96);
     let bundle_dir = dir.path().join("bundle-stop");
-    let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
     let done = AtomicBool::new(false);
     let (report, seen) = std::thread::scope(|s| {
         let watcher = s.spawn(|| {
@@ -313,13 +331,7 @@ fn a_stop_checkpoint_keeps_the_tasks_frozen_until_the_seal_and_then_ends_them() 
             }
             seen
         });
-        let report = checkpoint_core::checkpoint_container_bundle(
-            &runc,
-            &Criu::from_path(),
-            &bundle_dir,
-            &stop_request(&container, &upper),
-            &opts,
-        );
+        let report = stop_checkpoint(&runc, &container, dir.path(), &upper, &bundle_dir);
         done.store(true, Ordering::SeqCst);
         (report.unwrap(), watcher.join().unwrap())
     });
@@ -366,15 +378,7 @@ fn a_full_disk_after_the_dump_keeps_the_images_as_partial_and_the_container_runn
     let disk = Tmpfs::mount(&dir.path().join("small-disk"), "32m");
     let upper = big_layer(dir.path(), 40);
     let bundle_dir = disk.0.join("bundle");
-    let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
-    let err = checkpoint_core::checkpoint_container_bundle(
-        &runc,
-        &Criu::from_path(),
-        &bundle_dir,
-        &stop_request(&container, &upper),
-        &opts,
-    )
-    .unwrap_err();
+    let err = stop_checkpoint(&runc, &container, dir.path(), &upper, &bundle_dir).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Partial { .. }), "{text}");
     assert!(text.contains("No space left on device") && text.contains("rootfs-diff.tar"), "{text}");
@@ -406,15 +410,7 @@ fn a_disk_without_room_for_the_memory_is_refused_before_anything_is_frozen() {
     let (runc, container) = start(dir.path(), "ck-full");
     let disk = Tmpfs::mount(&dir.path().join("tiny-disk"), "4m");
     let bundle_dir = disk.0.join("bundle");
-    let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
-    let err = checkpoint_core::checkpoint_container_bundle(
-        &runc,
-        &Criu::from_path(),
-        &bundle_dir,
-        &stop_request(&container, &dir.path().join("no-layer")),
-        &opts,
-    )
-    .unwrap_err();
+    let err = stop_checkpoint(&runc, &container, dir.path(), &dir.path().join("no-layer"), &bundle_dir).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Directory { .. }), "{text}");
     assert!(text.contains(&bundle_dir.display().to_string()) && text.contains("MiB are free there"), "{text}");

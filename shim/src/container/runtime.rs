@@ -47,6 +47,10 @@ impl Runtime for RuncRuntime {
     fn create(&self, req: &CreateRequest, prepared: Prepared) -> Result<Arc<Container>> {
         create(&self.context(), req, prepared)
     }
+
+    fn added(&self, _container: &Arc<Container>) {
+        self.reaper.replay_unclaimed();
+    }
 }
 
 impl Instance for Container {
