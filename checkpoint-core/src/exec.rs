@@ -70,9 +70,34 @@ pub(crate) struct Failure {
 }
 
 impl Spawner {
-    /// Children are started inside `hook`'s spans.
+    /// Children are started inside `hook`'s spans, and die with this process: each gets SIGKILL as
+    /// its parent-death signal, so a shim that dies takes the runc or CRIU it was running along
+    /// instead of leaving them to finish (or half-finish) work nobody waits for. The signal is tied
+    /// to the spawning thread, which always waits for the child here, so it fires only when the
+    /// process dies.
     pub fn hooked(hook: Arc<dyn SpawnHook>) -> Self {
         Spawner { hook: Some(hook) }
+    }
+
+    /// Makes `cmd`'s child die with this process when this spawner is hooked (see [`Spawner::hooked`]).
+    pub(crate) fn prepare(&self, cmd: &mut Command) {
+        if self.hook.is_none() {
+            return;
+        }
+        let parent = std::process::id();
+        // SAFETY: between fork and exec only async-signal-safe calls are made (prctl, getppid).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before the signal was armed.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the parent process died before the tool started"));
+                }
+                Ok(())
+            });
+        }
     }
 
     /// Opens a span of the hook; it closes when the returned value is dropped.
@@ -87,6 +112,7 @@ impl Spawner {
     /// `cmd.output()` inside a span (stdin from `/dev/null` unless the caller set it).
     pub(crate) fn output(&self, cmd: &mut Command) -> std::io::Result<Output> {
         tracing::debug!(?cmd, "running");
+        self.prepare(cmd);
         let _span = self.span();
         cmd.output()
     }
@@ -97,6 +123,7 @@ impl Spawner {
     pub fn output_within(&self, cmd: &mut Command, timeout: Duration) -> std::io::Result<Output> {
         tracing::debug!(?cmd, ?timeout, "running");
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        self.prepare(cmd);
         let _span = self.span();
         let mut child = cmd.spawn()?;
         let readers = [
@@ -149,6 +176,7 @@ impl Spawner {
         if timeout.is_some() {
             cmd.process_group(0);
         }
+        self.prepare(&mut cmd);
         let _span = self.span();
         let mut child = cmd.spawn().map_err(|e| Failure {
             status: format!("could not start {:?}", cmd.get_program()),
@@ -234,6 +262,31 @@ mod tests {
         fn leave(&self) {
             self.open.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_hooked_spawners_child_dies_with_its_parent() {
+        let spawner = Spawner::hooked(Arc::new(Counting::default()) as Arc<dyn SpawnHook>);
+        // The parent-death signal follows the spawning thread: let that thread end without waiting.
+        let mut child = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut cmd = Command::new("sleep");
+                cmd.arg("30");
+                spawner.prepare(&mut cmd);
+                cmd.spawn().unwrap()
+            })
+            .join()
+            .unwrap()
+        });
+        let started = Instant::now();
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // an unhooked spawner leaves its children alone
+        let mut cmd = Command::new("true");
+        Spawner::default().prepare(&mut cmd);
+        assert!(cmd.status().unwrap().success());
     }
 
     #[test]

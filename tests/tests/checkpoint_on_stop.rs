@@ -210,10 +210,12 @@ fn without_criu_a_stop_fails_its_checkpoint_clearly_and_the_container_stops_on_i
     remove_task(&c, "nocriu");
 }
 
-/// Runs an opted-in counter `id` that first writes `mib` MiB into its writable layer, so that its
-/// checkpoint takes a while.
-fn run_big_counter(c: &Containerd, image: &str, id: &str, mib: u32) {
-    let script = format!("dd if=/dev/zero of=/state/big bs=1M count={mib} 2>/dev/null; {COUNTER_SCRIPT}");
+/// Runs an opted-in counter `id` that first writes `mib` MiB into its writable layer and holds
+/// `memory_mb` MB in a shell variable, so that its checkpoint (the layer, and the dump) takes a while.
+fn run_big_counter(c: &Containerd, image: &str, id: &str, mib: u32, memory_mb: u32) {
+    let script = format!(
+        "x=$(head -c {memory_mb}000000 /dev/zero | tr '\\0' a); dd if=/dev/zero of=/state/big bs=1M count={mib} 2>/dev/null; {COUNTER_SCRIPT}"
+    );
     ctr_run(c, &["-d", "--annotation", OPT_IN], image, id, &["sh", "-c", &script]).unwrap().ok("ctr run").unwrap();
     counter_past(c, id, 3);
 }
@@ -232,12 +234,16 @@ fn checkpoint_in_progress(c: &Containerd, id: &str) -> PathBuf {
 fn a_shim_killed_mid_checkpoint_leaves_a_bundle_the_next_shim_marks_interrupted() {
     let (c, image) = setup_with(CHECKPOINTS);
     // A large writable layer keeps the checkpoint busy long enough to kill its shim in the middle.
-    run_big_counter(&c, image, "victim", 400);
+    run_big_counter(&c, image, "victim", 100, 200);
     let shim = c.shim_pids_for("victim");
     assert_eq!(shim.len(), 1, "{shim:?}");
     let in_progress = std::thread::scope(|s| {
         let kill = s.spawn(|| c.ctr_run(&["tasks", "kill", "victim"], TIMEOUT));
         let marker = checkpoint_in_progress(&c, "victim");
+        // kill the shim while its runc checkpoint (and CRIU) runs
+        let images = marker.join("checkpoint").display().to_string();
+        let dumping = || (!kybernate_tests::pids_with_arg(&images).is_empty()).then_some(());
+        wait_for("the dump to start", TIMEOUT, dumping).unwrap();
         kybernate_tests::kill_and_reap(shim[0]);
         let _ = kill.join();
         marker
@@ -257,7 +263,7 @@ fn a_shim_killed_mid_checkpoint_leaves_a_bundle_the_next_shim_marks_interrupted(
 #[test]
 fn a_sigkill_during_a_checkpoint_on_stop_waits_for_it() {
     let (c, image) = setup_with(CHECKPOINTS);
-    run_big_counter(&c, image, "hurried", 300);
+    run_big_counter(&c, image, "hurried", 300, 0);
     std::thread::scope(|s| {
         let term = s.spawn(|| c.ctr_run(&["tasks", "kill", "hurried"], TIMEOUT));
         checkpoint_in_progress(&c, "hurried");

@@ -224,6 +224,7 @@ impl Runc {
     /// Runs a command whose stdio belongs to a container process: success or runc's logged error.
     fn run_detached(&self, mut cmd: Command, action: &'static str, id: &str, stdio: ChildStdio) -> Result<()> {
         stdio.apply(&mut cmd);
+        self.spawner.prepare(&mut cmd);
         let offset = self.log_offset();
         let status = {
             let _span = self.spawner.span();
