@@ -100,8 +100,9 @@ fn check_key(key: &str) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
-/// Decodes `%XX` escapes; `None` for a broken escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+/// Decodes `%XX` escapes (as in `file://` URLs); `None` for a broken escape or a result that is not
+/// UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

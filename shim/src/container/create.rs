@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, Runc, SpawnOpts};
+use checkpoint_core::{Criu, RestorableBundle, Runc, SpawnOpts};
 use containerd_shim::util::{read_pid_from_file, write_options};
 
 use super::pod_checkpoint::PodCheckpoints;
@@ -115,9 +115,7 @@ fn open_task_checkpoint(dir: &Path, parent: &str, config: &ShimConfig, criu: &Cr
             "it names parent checkpoint {parent}; incremental restores are not supported, restore a full checkpoint"
         )));
     }
-    let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
-    let opts = OpenOptions { accept_unsealed: true, accept_partial: false, gpu: &gpu, gpu_match: Default::default() };
-    open_container_bundle(dir, criu, &opts).map_err(|e| match e {
+    restore_from::open(dir, config, criu, true, false).map_err(|e| match e {
         e @ (checkpoint_core::Error::Bundle { .. } | checkpoint_core::Error::BadImage { .. }) => refuse(e.to_string()),
         e => e.into(),
     })

@@ -17,7 +17,7 @@
 //! cannot be used, `kybernate.io/restore-policy` decides between failing the Create (default) and
 //! starting fresh.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -81,10 +81,8 @@ pub fn resolve(
             )));
         }
         Ok(Located::Bundle(dir)) => {
-            let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
             let accept_partial = policy == Some(RestorePolicy::AllowPartial);
-            let opts = OpenOptions { accept_unsealed: false, accept_partial, gpu: &gpu, gpu_match: Default::default() };
-            open_container_bundle(&dir, criu, &opts).map_err(ShimError::from)
+            open(&dir, config, criu, false, accept_partial).map_err(ShimError::from)
         }
         Err(e) => Err(e),
     };
@@ -102,6 +100,20 @@ pub fn resolve(
             Ok(None)
         }
     }
+}
+
+/// Opens a bundle for a restore on this node with checkpoint-core (verified, host and GPUs checked);
+/// this node's GPU context is built only when the bundle holds GPU state.
+pub(super) fn open(
+    dir: &Path,
+    config: &ShimConfig,
+    criu: &Criu,
+    accept_unsealed: bool,
+    accept_partial: bool,
+) -> checkpoint_core::Result<RestorableBundle> {
+    let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
+    let opts = OpenOptions { accept_unsealed, accept_partial, gpu: &gpu, gpu_match: Default::default() };
+    open_container_bundle(dir, criu, &opts)
 }
 
 /// Follows `reference` to this container's bundle: in place, from a pod checkpoint on this node, or

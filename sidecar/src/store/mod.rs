@@ -198,7 +198,7 @@ impl StoreLocation {
             return Ok(StoreLocation::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
         }
         let path = url.strip_prefix("file://").unwrap_or(url);
-        let path = percent_decode(path).ok_or_else(|| bad("bad %-escape"))?;
+        let path = checkpoint_core::reference::percent_decode(path).ok_or_else(|| bad("bad %-escape"))?;
         if !path.starts_with('/') {
             return Err(bad("the directory must be an absolute path"));
         }
@@ -214,24 +214,6 @@ impl StoreLocation {
             }
         })
     }
-}
-
-/// Decodes `%xx` escapes (as in `file://` URLs); `None` on a malformed escape or non-UTF-8 result.
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Current time as RFC3339 (UTC, seconds).
