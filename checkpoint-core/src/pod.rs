@@ -19,6 +19,11 @@ use crate::bundle::{self, CHECKPOINT_DIR, FAILED_MARKER, MANIFEST_FILE};
 /// Archive suffixes a store gives a bundle's key.
 const ARCHIVE_SUFFIXES: [&str; 2] = [".tar.zst", ".tar"];
 
+/// Whether `name` (a file name or store key) is a bundle archive, as the sidecar names them.
+pub fn is_archive(name: &str) -> bool {
+    ARCHIVE_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
 /// One sealed bundle of a pod checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {

@@ -147,7 +147,7 @@ fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reape
             DirKind::StorePod => true,
         },
         BundleRef::FsArchive { .. } => false,
-        BundleRef::S3 { key, .. } => !(key.ends_with(".tar") || key.ends_with(".tar.zst")),
+        BundleRef::S3 { key, .. } => !pod::is_archive(key),
     };
     let pod_container = pod_prefix.then_some(container);
     fetch(&parsed, at, pod_container, id, config, reaper)
