@@ -19,7 +19,7 @@ command -v apt-get >/dev/null || die "apt-get not found: make deps supports Debi
 PACKAGES=(
   containerd runc iptables protobuf-compiler busybox-static xz-utils ca-certificates build-essential pkg-config
   libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev libnl-3-dev libnet1-dev libcap-dev libbsd-dev
-  libaio-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev git
+  libaio-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev git openssl
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -71,6 +71,20 @@ else
   criu check 2>&1 | tail -5 >&2 || true
   die "criu check failed on this kernel (output above); CRIU cannot checkpoint here"
 fi
+
+# The node's signing key (docs/security.md): the shim signs every bundle it seals with it and restores
+# only bundles signed by it or by a key in the trusted directory. Never replaced once it exists.
+KEYS=/etc/kybernate/keys
+if [ -f "$KEYS/signing.key" ]; then
+  say "signing key: $KEYS/signing.key present"
+else
+  install -d -m 0755 "$KEYS" "$KEYS/trusted"
+  (umask 077 && openssl genpkey -algorithm ed25519 -out "$KEYS/signing.key.tmp") || die "openssl could not create an ed25519 key"
+  openssl pkey -in "$KEYS/signing.key.tmp" -pubout -out "$KEYS/signing.pub"
+  mv "$KEYS/signing.key.tmp" "$KEYS/signing.key"
+  say "signing key: created $KEYS/signing.key (public half $KEYS/signing.pub: copy it into other nodes' $KEYS/trusted/)"
+fi
+install -d -m 0755 "$KEYS/trusted"
 
 # The sidecar's tests run against a real S3-compatible server on loopback.
 bash "$(dirname "${BASH_SOURCE[0]}")/../sidecar/scripts/install-s3s-fs.sh"

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::report::CheckpointReport;
+use crate::trust::{Provenance, SigningKey, TrustedKeys, SIGNATURE_FILE};
 
 /// Written last, by rename, once everything else is durable: the only signal that a bundle may be
 /// shipped or restored.
@@ -112,6 +113,10 @@ pub fn bundle_dir(
 pub struct ContainerIdentity {
     /// containerd namespace (`k8s.io` under Kubernetes).
     pub namespace: String,
+    /// Kubernetes namespace of the pod, when the container belongs to one: with `namespace`, whose
+    /// bundle this is ([`crate::tenant::Tenant::of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_namespace: Option<String>,
     /// Kubernetes pod name, when the container belongs to a pod.
     pub pod: Option<String>,
     /// Container name (Kubernetes container name, or the containerd id).
@@ -214,6 +219,10 @@ pub struct Manifest {
     /// The CRIU flags of the dump, which the restore must repeat (absent in bundles that predate it).
     #[serde(default)]
     pub criu_flags: Option<crate::options::CriuFlags>,
+    /// Files of the writable layer (`rootfs-diff.tar` paths) with a set-user-id or set-group-id bit,
+    /// and their mode: a restore clears those bits on every file not recorded here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub setid_files: BTreeMap<String, u32>,
     /// Every file of the bundle except the manifest and the markers, by relative path.
     pub files: BTreeMap<String, FileEntry>,
 }
@@ -229,6 +238,7 @@ impl Manifest {
             checkpoint: None,
             gpu: None,
             criu_flags: None,
+            setid_files: BTreeMap::new(),
             files: BTreeMap::new(),
         }
     }
@@ -239,7 +249,10 @@ fn bundle_error(dir: &Path, reason: impl Into<String>) -> Error {
 }
 
 fn is_marker_or_manifest(rel: &str) -> bool {
-    matches!(rel, MANIFEST_FILE | COMPLETE_MARKER | FAILED_MARKER | PARTIAL_MARKER | IN_PROGRESS_MARKER)
+    matches!(
+        rel,
+        MANIFEST_FILE | SIGNATURE_FILE | COMPLETE_MARKER | FAILED_MARKER | PARTIAL_MARKER | IN_PROGRESS_MARKER
+    )
 }
 
 /// Relative paths of the regular files below `dir`, sorted; links and special files are refused.
@@ -292,7 +305,7 @@ fn hash_file(path: &Path, sync: bool, deadline: Option<Instant>) -> Result<FileE
     if sync {
         file.sync_all().map_err(|e| Error::io(format!("fsync {}", path.display()), e))?;
     }
-    let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = hex::encode(hasher.finalize());
     Ok(FileEntry { size, sha256 })
 }
 
@@ -365,56 +378,55 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8], durability: Durability
 }
 
 /// Whether [`seal_with`] makes the bundle durable itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
     /// fsync every file and directory before `COMPLETE` (the node checkpoint directory).
+    #[default]
     Synced,
     /// Leave durability to whoever copies the bundle next (containerd tars a `ctr` checkpoint into
     /// its content store): the order is the same, only the fsyncs are skipped.
     Unsynced,
 }
 
+/// How [`seal_with`] seals a bundle.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seal<'a> {
+    /// Whether the bundle is fsynced before `COMPLETE`.
+    pub durability: Durability,
+    /// Give up (an error, nothing marked) once this passes while files are hashed.
+    pub deadline: Option<Instant>,
+    /// The node key that signs the manifest ([`SIGNATURE_FILE`]); `None` leaves the bundle unsigned,
+    /// which a node restores only with `allow_unsigned`.
+    pub signer: Option<&'a SigningKey>,
+}
+
 /// Seals the bundle in `dir`: hashes and fsyncs every file, writes the manifest, then renames
 /// [`COMPLETE_MARKER`] into place. Until this returns `Ok`, the bundle is never shipped or restored.
+/// The bundle is unsigned; see [`seal_with`].
 pub fn seal(dir: &Path, manifest: Manifest) -> Result<Manifest> {
-    seal_with(dir, manifest, Durability::Synced)
+    seal_with(dir, manifest, &Seal::default())
 }
 
-/// [`seal`], with the fsyncs only when `durability` is [`Durability::Synced`].
-pub fn seal_with(dir: &Path, manifest: Manifest, durability: Durability) -> Result<Manifest> {
-    seal_until(dir, manifest, durability, None)
-}
-
-/// [`seal_with`], giving up (an error, nothing marked) once `deadline` passes while files are hashed.
-pub fn seal_until(
-    dir: &Path,
-    manifest: Manifest,
-    durability: Durability,
-    deadline: Option<Instant>,
-) -> Result<Manifest> {
+/// [`seal`], made durable, bounded and signed as `how` says.
+pub fn seal_with(dir: &Path, manifest: Manifest, how: &Seal<'_>) -> Result<Manifest> {
     if is_complete(dir) {
         return Err(bundle_error(dir, "it is already sealed; write each checkpoint into a new directory"));
     }
     if dir.join(FAILED_MARKER).exists() {
         return Err(bundle_error(dir, "it was marked failed; take a new checkpoint"));
     }
-    let (manifest, digest) = write_manifest(dir, manifest, durability, deadline)?;
-    write_atomically(dir, COMPLETE_MARKER, format!("{MANIFEST_FILE} sha256:{digest}\n").as_bytes(), durability)?;
+    let (manifest, digest) = write_manifest(dir, manifest, how)?;
+    write_atomically(dir, COMPLETE_MARKER, format!("{MANIFEST_FILE} sha256:{digest}\n").as_bytes(), how.durability)?;
     remove_in_progress(dir);
     Ok(manifest)
 }
 
-/// Hashes every file into `manifest` (fsyncing them and their directories when `durability` asks),
-/// writes it, and returns it with the SHA-256 of its bytes.
-fn write_manifest(
-    dir: &Path,
-    mut manifest: Manifest,
-    durability: Durability,
-    deadline: Option<Instant>,
-) -> Result<(Manifest, String)> {
-    let sync = durability == Durability::Synced;
+/// Hashes every file into `manifest` (fsyncing them and their directories when `how` asks), writes
+/// it and its signature, and returns it with the SHA-256 of its bytes.
+fn write_manifest(dir: &Path, mut manifest: Manifest, how: &Seal<'_>) -> Result<(Manifest, String)> {
+    let sync = how.durability == Durability::Synced;
     let files = list_files(dir)?;
-    manifest.files = hash_all(dir, &files, sync, deadline)?;
+    manifest.files = hash_all(dir, &files, sync, how.deadline)?;
     if sync {
         let mut dirs: Vec<PathBuf> = files.iter().filter_map(|f| Path::new(f).parent().map(|p| dir.join(p))).collect();
         dirs.sort();
@@ -424,9 +436,14 @@ fn write_manifest(
         }
     }
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    write_atomically(dir, MANIFEST_FILE, &json, durability)?;
-    let digest: String = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
-    Ok((manifest, digest))
+    match how.signer {
+        Some(key) => write_atomically(dir, SIGNATURE_FILE, &key.sign_manifest(&json), how.durability)?,
+        None => {
+            let _ = fs::remove_file(dir.join(SIGNATURE_FILE));
+        }
+    }
+    write_atomically(dir, MANIFEST_FILE, &json, how.durability)?;
+    Ok((manifest, hex::encode(Sha256::digest(&json))))
 }
 
 /// Marks an abandoned bundle, so that nothing ever ships or restores it, and records why.
@@ -438,11 +455,12 @@ pub fn mark_failed(dir: &Path, reason: &str) -> Result<()> {
 }
 
 /// Marks a bundle whose CRIU images are finished but which could not be completed (see
-/// [`PARTIAL_MARKER`]): every file there is is hashed into `manifest`, which the marker binds, with
-/// `reason`. When not even the manifest can be written (a full disk), the marker holds the reason
+/// [`PARTIAL_MARKER`]): every file there is is hashed into `manifest`, which the marker binds (and
+/// `signer` signs), with `reason`. When not even the manifest can be written (a full disk), the marker holds the reason
 /// alone and the bundle cannot be verified. Nothing is deleted either way.
-pub fn mark_partial(dir: &Path, manifest: Manifest, reason: &str) -> Result<()> {
-    let binding = match write_manifest(dir, manifest, Durability::Synced, None) {
+pub fn mark_partial(dir: &Path, manifest: Manifest, reason: &str, signer: Option<&SigningKey>) -> Result<()> {
+    let how = Seal { signer, ..Seal::default() };
+    let binding = match write_manifest(dir, manifest, &how) {
         Ok((_, digest)) => format!("{MANIFEST_FILE} sha256:{digest}\n"),
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "the partial bundle's manifest could not be written");
@@ -542,8 +560,20 @@ pub fn sweep_interrupted(root: &Path, max_depth: usize) -> Vec<PathBuf> {
 }
 
 /// Checks a bundle before it is restored or shipped: sealed, of a known format, and every file
-/// present with its recorded size and hash, with nothing added. Returns its manifest.
+/// present with its recorded size and hash, with nothing added. Returns its manifest. It does not
+/// check who wrote it: a restore uses [`verify_trusted`].
 pub fn verify(dir: &Path) -> Result<Manifest> {
+    verify_sealed(dir, None).map(|(manifest, _)| manifest)
+}
+
+/// [`verify`], after checking the manifest's signature against `trust` — first, before anything of
+/// the bundle is hashed or parsed. Returns the manifest and who signed it.
+pub fn verify_trusted(dir: &Path, trust: &TrustedKeys) -> Result<(Manifest, Provenance)> {
+    let (manifest, provenance) = verify_sealed(dir, Some(trust))?;
+    Ok((manifest, provenance.unwrap_or(Provenance::Unsigned)))
+}
+
+fn verify_sealed(dir: &Path, trust: Option<&TrustedKeys>) -> Result<(Manifest, Option<Provenance>)> {
     if !dir.is_dir() {
         return Err(bundle_error(dir, "the directory does not exist"));
     }
@@ -563,7 +593,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     }
     let complete = fs::read_to_string(dir.join(COMPLETE_MARKER))
         .map_err(|_| bundle_error(dir, format!("{COMPLETE_MARKER} is missing: the checkpoint did not finish")))?;
-    verify_bound(dir, &complete, COMPLETE_MARKER)
+    verify_bound(dir, &complete, COMPLETE_MARKER, trust)
 }
 
 /// What a [`PARTIAL_MARKER`] says is missing and why.
@@ -576,9 +606,10 @@ fn partial_reason(marker: &str) -> &str {
     }
 }
 
-/// Verifies a partial bundle (see [`PARTIAL_MARKER`]) as far as it can be: every file it has against
-/// the manifest the marker binds. Returns the manifest and what the marker says is missing.
-pub fn verify_partial(dir: &Path) -> Result<(Manifest, String)> {
+/// Verifies a partial bundle (see [`PARTIAL_MARKER`]) as far as it can be: its signature against
+/// `trust` (when given), then every file it has against the manifest the marker binds. Returns the
+/// manifest, what the marker says is missing, and who signed it (when `trust` was given).
+pub fn verify_partial(dir: &Path, trust: Option<&TrustedKeys>) -> Result<(Manifest, String, Option<Provenance>)> {
     let marker = fs::read_to_string(dir.join(PARTIAL_MARKER))
         .map_err(|_| bundle_error(dir, format!("{PARTIAL_MARKER} is missing: it is not a partial checkpoint")))?;
     let reason = partial_reason(&marker).to_string();
@@ -588,13 +619,31 @@ pub fn verify_partial(dir: &Path) -> Result<(Manifest, String)> {
             format!("the partial checkpoint has no manifest to verify it by ({reason}); it cannot be restored"),
         )
     })?;
-    Ok((verify_bound(dir, binding, PARTIAL_MARKER)?, reason))
+    let (manifest, provenance) = verify_bound(dir, binding, PARTIAL_MARKER, trust)?;
+    Ok((manifest, reason, provenance))
 }
 
-/// Checks the manifest against the hash `marker_text` binds, then every file against the manifest.
-fn verify_bound(dir: &Path, marker_text: &str, marker: &str) -> Result<Manifest> {
+/// Checks the manifest's signature (with `trust`), then the manifest against the hash `marker_text`
+/// binds, then every file against the manifest.
+fn verify_bound(
+    dir: &Path,
+    marker_text: &str,
+    marker: &str,
+    trust: Option<&TrustedKeys>,
+) -> Result<(Manifest, Option<Provenance>)> {
     let json = fs::read(dir.join(MANIFEST_FILE)).map_err(|e| bundle_error(dir, format!("{MANIFEST_FILE}: {e}")))?;
-    let digest: String = Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
+    let provenance = match trust {
+        Some(trust) => {
+            let signature = match fs::read(dir.join(SIGNATURE_FILE)) {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(bundle_error(dir, format!("{SIGNATURE_FILE}: {e}"))),
+            };
+            Some(trust.check_manifest(dir, &json, signature.as_deref())?)
+        }
+        None => None,
+    };
+    let digest = hex::encode(Sha256::digest(&json));
     if marker_text.trim() != format!("{MANIFEST_FILE} sha256:{digest}") {
         return Err(bundle_error(dir, format!("{MANIFEST_FILE} does not match the hash sealed in {marker}")));
     }
@@ -629,7 +678,7 @@ fn verify_bound(dir: &Path, marker_text: &str, marker: &str) -> Result<Manifest>
             Some(_) => {}
         }
     }
-    Ok(manifest)
+    Ok((manifest, provenance))
 }
 
 #[cfg(test)]
@@ -682,6 +731,42 @@ mod tests {
     }
 
     #[test]
+    fn a_signed_bundle_verifies_only_with_a_trusted_key_and_its_own_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(CHECKPOINT_DIR)).unwrap();
+        fs::write(dir.path().join(CHECKPOINT_DIR).join("inventory.img"), b"inv").unwrap();
+        let key = SigningKey::generate().unwrap();
+        let identity = ContainerIdentity { namespace: "default".into(), name: "c".into(), ..Default::default() };
+        let sealed = seal_with(
+            dir.path(),
+            Manifest::new(HostInfo::default(), identity),
+            &Seal { signer: Some(&key), ..Seal::default() },
+        )
+        .unwrap();
+        assert!(!sealed.files.contains_key(SIGNATURE_FILE), "the signature is beside the manifest, not in it");
+        let trusted = TrustedKeys::default().with(key.trusted());
+        let (manifest, provenance) = verify_trusted(dir.path(), &trusted).unwrap();
+        assert_eq!(manifest, sealed);
+        assert!(matches!(provenance, Provenance::Signed { key_id, .. } if key_id == *key.id()));
+        let stranger = TrustedKeys::default().with(SigningKey::generate().unwrap().trusted());
+        assert!(matches!(verify_trusted(dir.path(), &stranger), Err(Error::Refused { .. })));
+
+        // A forger who rewrites the manifest and recomputes COMPLETE passes the hash chain, not the signature.
+        let path = dir.path().join(MANIFEST_FILE);
+        let forged = fs::read_to_string(&path).unwrap().replace("\"default\"", "\"victim\"");
+        fs::write(&path, &forged).unwrap();
+        let complete = format!("{MANIFEST_FILE} sha256:{}\n", hex::encode(Sha256::digest(forged.as_bytes())));
+        fs::write(dir.path().join(COMPLETE_MARKER), complete).unwrap();
+        assert_eq!(verify(dir.path()).unwrap().container.namespace, "victim");
+        let err = verify_trusted(dir.path(), &trusted).unwrap_err().to_string();
+        assert!(err.contains("does not match its contents: it was altered"), "{err}");
+        // and with the signature removed, it is unsigned: refused unless allowed
+        fs::remove_file(dir.path().join(SIGNATURE_FILE)).unwrap();
+        let err = verify_trusted(dir.path(), &trusted).unwrap_err().to_string();
+        assert!(err.contains("is not signed"), "{err}");
+    }
+
+    #[test]
     fn unsealed_and_failed_bundles_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(SPEC_DUMP), b"{}").unwrap();
@@ -709,19 +794,26 @@ mod tests {
         fs::write(dir.path().join(CHECKPOINT_DIR).join("pages-1.img"), vec![5u8; 4096]).unwrap();
         mark_in_progress(dir.path()).unwrap();
         let id = ContainerIdentity { name: "c".into(), id: "c".into(), ..Default::default() };
-        mark_partial(dir.path(), Manifest::new(HostInfo::default(), id), "writing rootfs-diff.tar: disk full").unwrap();
+        let key = SigningKey::generate().unwrap();
+        let manifest = Manifest::new(HostInfo::default(), id);
+        mark_partial(dir.path(), manifest, "writing rootfs-diff.tar: disk full", Some(&key)).unwrap();
+        let trusted = TrustedKeys::default().with(key.trusted());
+        assert_eq!(verify_partial(dir.path(), Some(&trusted)).unwrap().1, "writing rootfs-diff.tar: disk full");
+        let stranger = TrustedKeys::default().with(SigningKey::generate().unwrap().trusted());
+        let err = verify_partial(dir.path(), Some(&stranger)).unwrap_err().to_string();
+        assert!(err.contains("does not trust"), "{err}");
         assert!(!dir.path().join(IN_PROGRESS_MARKER).exists());
         let err = verify(dir.path()).unwrap_err().to_string();
         assert!(err.contains("partial (writing rootfs-diff.tar: disk full)") && err.contains("allow-partial"), "{err}");
-        let (manifest, missing) = verify_partial(dir.path()).unwrap();
+        let (manifest, missing, _) = verify_partial(dir.path(), None).unwrap();
         assert_eq!(missing, "writing rootfs-diff.tar: disk full");
         assert_eq!(manifest.files.keys().collect::<Vec<_>>(), ["checkpoint/pages-1.img"]);
         fs::write(dir.path().join(CHECKPOINT_DIR).join("pages-1.img"), vec![6u8; 4096]).unwrap();
-        assert!(verify_partial(dir.path()).unwrap_err().to_string().contains("does not match its sha256"));
+        assert!(verify_partial(dir.path(), None).unwrap_err().to_string().contains("does not match its sha256"));
         // without a manifest (the disk was full) the reason stays, but nothing can be verified
         fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
         write_durably(dir.path(), PARTIAL_MARKER, b"disk full\n").unwrap();
-        assert!(verify_partial(dir.path())
+        assert!(verify_partial(dir.path(), None)
             .unwrap_err()
             .to_string()
             .contains("no manifest to verify it by (disk full)"));

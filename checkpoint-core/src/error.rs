@@ -136,6 +136,23 @@ pub enum Error {
         /// What is missing and why.
         reason: String,
     },
+    /// A restore this node may not do: a bundle signed by no trusted key, another tenant's bundle
+    /// without a grant, a reference outside the restore roots. Nothing was read into CRIU or a rootfs.
+    #[error("{subject} is refused: {reason}")]
+    Refused {
+        /// What was refused (the bundle, the reference).
+        subject: String,
+        /// Why, and what would allow it.
+        reason: String,
+    },
+    /// A signing or verifying key file cannot be used.
+    #[error("key {path} cannot be used: {reason}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// A GPU-aware checkpoint or restore failed at `step`; `rollback` says what was undone.
     #[error("GPU {step:?} step failed: {detail}; rollback: {rollback}")]
     Gpu {

@@ -4,8 +4,10 @@
 //! the CUDA checkpoint API for GPU state, and the self-describing checkpoint bundle.
 //!
 //! Modules, from the bottom up (no module imports one above it):
-//! - [`bundle`]: the bundle format (layout, manifest, seal, verify) — no tools; [`reference`]: where a
-//!   bundle is (node directory, filesystem store, S3);
+//! - [`trust`]: ed25519 keys and manifest signatures; [`bundle`]: the bundle format (layout, manifest,
+//!   seal, verify) — no tools; [`tenant`]: whose a bundle is and the grants between tenants;
+//!   [`reference`]: where a bundle is (node directory, filesystem store, S3); [`roots`]: where a node
+//!   may restore from;
 //! - [`criu`] and [`runc`]: the two tools, each with one client ([`Criu`], [`Runc`]) that spawns through
 //!   the embedder's [`SpawnHook`];
 //! - [`gpu`]: the CUDA checkpoint API, GPU discovery and compatibility, no containers;
@@ -43,11 +45,14 @@ pub mod process;
 pub mod reference;
 mod report;
 pub mod rootfs;
+pub mod roots;
 pub mod runc;
+pub mod tenant;
+pub mod trust;
 
 pub use container::{
     check_host, checkpoint_container_bundle, open_container_bundle, restore_container_bundle, BundleReport, ConfigDump,
-    ContainerCheckpoint, OpenOptions, RestorableBundle, RestoreTarget,
+    ContainerCheckpoint, OpenOptions, RestorableBundle, RestoreTarget, TenantCheck,
 };
 pub use criu::{Criu, CriuInfo, CriuVersion, Feature};
 pub use error::{Error, GpuStep, Result, ToolFailure};

@@ -5,9 +5,13 @@
 //! Capture reads the upper directory of a stopped (or frozen) container: whiteouts (0/0 character
 //! devices) become `deleted.files` entries, opaque directories are listed there too (their image
 //! contents are gone) and archived with their new contents, everything else goes into the tar.
-//! Apply refuses any path that would leave the rootfs (absolute or `..` entries, symlinked parents),
-//! removes the deleted paths first, then unpacks the tar.
+//! Device nodes are left out (a restore refuses them), and set-id files are recorded in
+//! [`CapturedLayer::setid`], which the manifest carries.
+//! Apply refuses any path that would leave the rootfs (absolute or `..` entries, symlinked parents)
+//! and any device node, removes the deleted paths first, then unpacks the tar, clearing the set-user-
+//! and set-group-id bits of every file the signed manifest does not record with them.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -30,6 +34,23 @@ pub struct RootfsDiffStats {
     pub content_bytes: u64,
     /// Paths listed in `deleted.files`.
     pub deleted: u64,
+    /// Device nodes the container created in its writable layer, left out (a restore would refuse
+    /// them).
+    #[serde(default)]
+    pub devices_skipped: u64,
+}
+
+/// The set-user-id and set-group-id bits.
+pub const SETID_BITS: u32 = 0o6000;
+
+/// What [`capture_overlay_diff`] wrote, and what the manifest must record of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapturedLayer {
+    /// Counts.
+    pub stats: RootfsDiffStats,
+    /// The files archived with a set-user-id or set-group-id bit, by archive path, with their mode
+    /// (`0o7777` bits): the only ones that keep those bits when applied.
+    pub setid: BTreeMap<String, u32>,
 }
 
 fn diff_error(path: &Path, reason: impl Into<String>) -> Error {
@@ -50,7 +71,7 @@ fn is_opaque(dir: &Path) -> bool {
 
 /// Writes `rootfs-diff.tar` and `deleted.files` into `bundle` from the overlayfs upper directory
 /// `upperdir` of a container that no longer runs (or is frozen).
-pub fn capture_overlay_diff(upperdir: &Path, bundle: &Path) -> Result<RootfsDiffStats> {
+pub fn capture_overlay_diff(upperdir: &Path, bundle: &Path) -> Result<CapturedLayer> {
     if !upperdir.is_dir() {
         return Err(diff_error(
             upperdir,
@@ -62,7 +83,8 @@ pub fn capture_overlay_diff(upperdir: &Path, bundle: &Path) -> Result<RootfsDiff
     let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
-    let mut stats = RootfsDiffStats::default();
+    let mut layer = CapturedLayer::default();
+    let stats = &mut layer.stats;
     let mut deleted = Vec::new();
     let mut stack = vec![PathBuf::new()];
     let write_err = |e: std::io::Error| Error::io(format!("writing {}", tar_path.display()), e);
@@ -82,8 +104,16 @@ pub fn capture_overlay_diff(upperdir: &Path, bundle: &Path) -> Result<RootfsDiff
                 deleted.push(format!("/{}", rel.display()));
                 continue;
             }
+            if kind.is_char_device() || kind.is_block_device() {
+                tracing::warn!(path = %rel.display(), "leaving a device node out of the writable layer");
+                stats.devices_skipped += 1;
+                continue;
+            }
             if kind.is_dir() && is_opaque(&abs) {
                 deleted.push(format!("/{}", rel.display()));
+            }
+            if kind.is_file() && meta.mode() & SETID_BITS != 0 {
+                layer.setid.insert(rel.to_string_lossy().into_owned(), meta.mode() & 0o7777);
             }
             tar.append_path_with_name(&abs, &rel).map_err(write_err)?;
             stats.entries += 1;
@@ -102,7 +132,7 @@ pub fn capture_overlay_diff(upperdir: &Path, bundle: &Path) -> Result<RootfsDiff
     let list = bundle.join(DELETED_FILES);
     fs::write(&list, serde_json::to_vec(&deleted).expect("a list of strings serializes"))
         .map_err(|e| Error::io(format!("writing {}", list.display()), e))?;
-    Ok(stats)
+    Ok(layer)
 }
 
 /// `rootfs` joined with the in-container path `path` (`/a/b`), refusing `..`, and parents that are
@@ -132,8 +162,10 @@ pub fn has_rootfs_diff(bundle: &Path) -> bool {
 }
 
 /// Re-applies the writable layer captured in `bundle` onto the (fresh, not yet running) `rootfs`:
-/// deletions first, then the archive. Nothing is written outside `rootfs`.
-pub fn apply_rootfs_diff(bundle: &Path, rootfs: &Path) -> Result<()> {
+/// deletions first, then the archive. Nothing is written outside `rootfs`; a device node is refused;
+/// a file keeps its set-user-id or set-group-id bit only when `setid` (the signed manifest's record)
+/// has it with that mode.
+pub fn apply_rootfs_diff(bundle: &Path, rootfs: &Path, setid: &BTreeMap<String, u32>) -> Result<()> {
     let list = bundle.join(DELETED_FILES);
     let deleted: Vec<String> = match fs::read(&list) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -167,6 +199,21 @@ pub fn apply_rootfs_diff(bundle: &Path, rootfs: &Path) -> Result<()> {
                 format!("entry {} leaves the container's root; the bundle is corrupt", name.display()),
             ));
         }
+        let kind = entry.header().entry_type();
+        if kind.is_character_special() || kind.is_block_special() {
+            return Err(diff_error(
+                &tar_path,
+                format!(
+                    "entry {} is a device node, which a restore never creates; the bundle is hostile",
+                    name.display()
+                ),
+            ));
+        }
+        let mode = entry.header().mode().unwrap_or(0) & 0o7777;
+        if mode & SETID_BITS != 0 && setid.get(name.to_string_lossy().as_ref()) != Some(&mode) {
+            tracing::warn!(path = %name.display(), mode = format!("{mode:o}"), "clearing set-id bits the manifest does not record");
+            entry.set_mask(SETID_BITS);
+        }
         let unpacked = entry
             .unpack_in(rootfs)
             .map_err(|e| Error::io(format!("unpacking {} into {}", name.display(), rootfs.display()), e))?;
@@ -199,7 +246,8 @@ mod tests {
         fs::create_dir(rootfs.path().join("etc")).unwrap();
         fs::write(rootfs.path().join("etc/old.conf"), b"from the image").unwrap();
 
-        let stats = capture_overlay_diff(upper.path(), bundle.path()).unwrap();
+        let layer = capture_overlay_diff(upper.path(), bundle.path()).unwrap();
+        let stats = layer.stats;
         assert_eq!(stats.deleted, 1);
         assert_eq!(stats.content_bytes, 2);
         assert_eq!(stats.entries, 4, "{stats:?}"); // etc, etc/app, state, link
@@ -207,7 +255,7 @@ mod tests {
             serde_json::from_slice(&fs::read(bundle.path().join(DELETED_FILES)).unwrap()).unwrap();
         assert_eq!(listed, vec!["/etc/old.conf".to_string()]);
 
-        apply_rootfs_diff(bundle.path(), rootfs.path()).unwrap();
+        apply_rootfs_diff(bundle.path(), rootfs.path(), &layer.setid).unwrap();
         assert_eq!(fs::read(rootfs.path().join("etc/app/state")).unwrap(), b"42");
         assert_eq!(fs::read_link(rootfs.path().join("etc/app/link")).unwrap(), Path::new("state"));
         assert!(!rootfs.path().join("etc/old.conf").exists());
@@ -231,7 +279,7 @@ mod tests {
         fs::write(bundle.path().join(ROOTFS_DIFF), tar_with(&[])).unwrap();
         for hostile in ["/../victim", "/escape/victim", "/", "../x"] {
             fs::write(bundle.path().join(DELETED_FILES), serde_json::to_vec(&[hostile]).unwrap()).unwrap();
-            let err = apply_rootfs_diff(bundle.path(), rootfs.path()).unwrap_err().to_string();
+            let err = apply_rootfs_diff(bundle.path(), rootfs.path(), &BTreeMap::new()).unwrap_err().to_string();
             assert!(err.contains("corrupt"), "{hostile}: {err}");
         }
         assert!(outside.path().join("victim").exists());
@@ -245,9 +293,49 @@ mod tests {
         symlink(outside.path(), rootfs.path().join("escape")).unwrap();
         for name in ["escape/planted", "../planted"] {
             fs::write(bundle.path().join(ROOTFS_DIFF), tar_with(&[name])).unwrap();
-            assert!(apply_rootfs_diff(bundle.path(), rootfs.path()).is_err(), "{name} was unpacked");
+            assert!(apply_rootfs_diff(bundle.path(), rootfs.path(), &BTreeMap::new()).is_err(), "{name} was unpacked");
             assert!(!outside.path().join("planted").exists());
         }
+    }
+
+    #[test]
+    fn set_id_bits_survive_only_as_recorded_and_device_nodes_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let upper = tempfile::tempdir().unwrap();
+        let bundle = tempfile::tempdir().unwrap();
+        for name in ["recorded", "added"] {
+            fs::write(upper.path().join(name), b"#!/bin/sh").unwrap();
+            fs::set_permissions(upper.path().join(name), fs::Permissions::from_mode(0o4755)).unwrap();
+        }
+        let c = CString::new(upper.path().join("null").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; a 1:3 character device like /dev/null.
+        assert_eq!(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) }, 0);
+        let layer = capture_overlay_diff(upper.path(), bundle.path()).unwrap();
+        assert_eq!(layer.stats.devices_skipped, 1);
+        assert_eq!(layer.setid, BTreeMap::from([("added".into(), 0o4755), ("recorded".into(), 0o4755)]));
+
+        // what a signed manifest recorded keeps its bits; a set-id bit nobody recorded is cleared
+        let rootfs = tempfile::tempdir().unwrap();
+        let recorded = BTreeMap::from([("recorded".to_string(), 0o4755)]);
+        apply_rootfs_diff(bundle.path(), rootfs.path(), &recorded).unwrap();
+        let mode = |name: &str| fs::metadata(rootfs.path().join(name)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!((mode("recorded"), mode("added")), (0o4755, 0o755));
+        assert!(!rootfs.path().join("null").exists());
+
+        let mut device = tar::Header::new_gnu();
+        device.set_path("dev-mem").unwrap();
+        device.set_entry_type(tar::EntryType::Char);
+        device.set_device_major(1).unwrap();
+        device.set_device_minor(1).unwrap();
+        device.set_size(0);
+        device.set_mode(0o600);
+        device.set_cksum();
+        let mut hostile = device.as_bytes().to_vec();
+        hostile.extend_from_slice(&[0u8; 1024]);
+        fs::write(bundle.path().join(ROOTFS_DIFF), hostile).unwrap();
+        let err = apply_rootfs_diff(bundle.path(), rootfs.path(), &recorded).unwrap_err().to_string();
+        assert!(err.contains("dev-mem is a device node"), "{err}");
+        assert!(!rootfs.path().join("dev-mem").exists());
     }
 
     /// A tar whose regular-file entries carry `names` verbatim (the tar crate's builder refuses `..`).

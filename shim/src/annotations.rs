@@ -19,6 +19,9 @@ pub const RESTORE_FROM_CONTAINER_PREFIX: &str = "kybernate.io/restore-from.";
 /// `allow-partial` (as `fail`, but a `PARTIAL` bundle is restored); and whether a
 /// container that the pod checkpoint does not cover fails (`fail`, only when set) or starts fresh.
 pub const RESTORE_POLICY: &str = "kybernate.io/restore-policy";
+/// A restore grant (a token the operator signs, see `docs/security.md`) that lets this pod restore a
+/// bundle of another tenant, the one the grant names.
+pub const RESTORE_GRANT: &str = "kybernate.io/restore-grant";
 /// CRI's container type: `sandbox` for the pod's pause container, `container` for the others.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 

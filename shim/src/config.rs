@@ -19,6 +19,12 @@
 //! sidecar_binary = "kybernate-sidecar" # fetches remote bundles (`kybernate-sidecar pull`)
 //! fetch_timeout = "10m"                # a fetch that takes longer is killed and the Create fails
 //! gpu_backend = "auto"                 # auto | driver-api | cuda-checkpoint | criu-plugin | off
+//! signing_key = "/etc/kybernate/keys/signing.key"   # signs every manifest this node seals
+//! trusted_keys = ["/etc/kybernate/keys/trusted"]    # public keys (files, or directories of *.pub)
+//! allow_unsigned = false               # restore bundles that no trusted key signed
+//! restore_roots = ["/var/lib/kybernate/checkpoints", "file:///var/lib/kybernate/store"]
+//! tenant_grants = []                   # [{ from = "k8s/a", to = "k8s/b" }]
+//! grant_keys = []                      # public keys whose restore grants are accepted (the operator's)
 //! ```
 //!
 //! Its path is the `ConfigPath` of the runtime options (`runtimeoptions.v1.Options`, as CRI and
@@ -29,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use checkpoint_core::gpu::GpuBackendChoice;
+use checkpoint_core::roots::RestoreRoots;
+use checkpoint_core::tenant::Tenant;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message as _;
 use containerd_shim::protos::shim::oci::Options as RuncOptions;
@@ -100,7 +108,40 @@ pub struct ShimConfig {
     /// Who checkpoints and restores the GPU state of containers that use a GPU: `auto`, `driver-api`,
     /// `cuda-checkpoint`, `criu-plugin` or `off` (see `docs/gpu.md`).
     pub gpu_backend: String,
+    /// The node's ed25519 private key (PKCS#8 PEM, mode 0600) that signs every manifest it seals; its
+    /// public half is trusted on this node.
+    pub signing_key: PathBuf,
+    /// Public keys (SPKI PEM) whose signed bundles this node restores: files, or directories whose
+    /// `*.pub`/`*.pem` files are read; a path that does not exist holds none.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Restore bundles no trusted key signed (and containerd task images without a manifest).
+    pub allow_unsigned: bool,
+    /// Where `kybernate.io/restore-from` may point: absolute directories, `file:///…` and
+    /// `s3://bucket[/prefix]`. When unset: `checkpoint_dir` and the sidecar's default store.
+    pub restore_roots: Option<Vec<String>>,
+    /// Pairs of tenants (`k8s/<namespace>` or `containerd/<namespace>`) whose bundles may be restored
+    /// across: containers of `to` may restore bundles of `from`.
+    pub tenant_grants: Vec<TenantGrant>,
+    /// Public keys whose restore grants (`kybernate.io/restore-grant`) are accepted: the operator's.
+    pub grant_keys: Vec<PathBuf>,
 }
+
+/// One `tenant_grants` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantGrant {
+    /// Whose bundles (`k8s/<namespace>` or `containerd/<namespace>`).
+    pub from: String,
+    /// Who may restore them.
+    pub to: String,
+}
+
+/// The node's signing key unless the file says otherwise.
+pub const DEFAULT_SIGNING_KEY: &str = "/etc/kybernate/keys/signing.key";
+/// The directory of trusted public keys unless the file says otherwise.
+pub const DEFAULT_TRUSTED_KEYS: &str = "/etc/kybernate/keys/trusted";
+/// The store the sidecar ships to unless its own config says otherwise, a restore root by default.
+pub const DEFAULT_STORE: &str = "file:///var/lib/kybernate/store";
 
 impl Default for ShimConfig {
     fn default() -> Self {
@@ -121,6 +162,12 @@ impl Default for ShimConfig {
             sidecar_binary: PathBuf::from("kybernate-sidecar"),
             fetch_timeout: "10m".into(),
             gpu_backend: GpuBackendChoice::Auto.as_str().into(),
+            signing_key: PathBuf::from(DEFAULT_SIGNING_KEY),
+            trusted_keys: vec![PathBuf::from(DEFAULT_TRUSTED_KEYS)],
+            allow_unsigned: false,
+            restore_roots: None,
+            tenant_grants: Vec::new(),
+            grant_keys: Vec::new(),
         }
     }
 }
@@ -176,6 +223,24 @@ impl ShimConfig {
     /// How long a FAILED bundle stays (validated when the file was read).
     pub fn failed_bundle_grace(&self) -> Duration {
         humantime::parse_duration(&self.failed_bundle_grace).unwrap_or(DEFAULT_FAILED_BUNDLE_GRACE)
+    }
+
+    /// Where restores may come from: `restore_roots`, or `checkpoint_dir` and the default store
+    /// (validated when the file was read).
+    pub fn restore_roots(&self) -> RestoreRoots {
+        let roots = match &self.restore_roots {
+            Some(roots) => roots.clone(),
+            None => vec![self.checkpoint_dir.display().to_string(), DEFAULT_STORE.to_string()],
+        };
+        RestoreRoots::parse(&roots).unwrap_or_default()
+    }
+
+    /// The configured tenant grants, parsed (validated when the file was read).
+    pub fn tenant_grants(&self) -> Vec<(Tenant, Tenant)> {
+        self.tenant_grants
+            .iter()
+            .filter_map(|g| Some((Tenant::parse(&g.from).ok()?, Tenant::parse(&g.to).ok()?)))
+            .collect()
     }
 
     /// The GPU backend choice (validated when the file was read).
@@ -236,6 +301,23 @@ impl ShimConfig {
                 self.gpu_backend,
                 names.join(", ")
             )));
+        }
+        if let Err(e) = RestoreRoots::parse(self.restore_roots.as_deref().unwrap_or_default()) {
+            return Err(invalid(format!("restore_roots: {e}")));
+        }
+        for grant in &self.tenant_grants {
+            for tenant in [&grant.from, &grant.to] {
+                Tenant::parse(tenant).map_err(|e| invalid(format!("tenant_grants: {e}")))?;
+            }
+        }
+        for (key, path) in [("signing_key", &self.signing_key)]
+            .into_iter()
+            .chain(self.trusted_keys.iter().map(|p| ("trusted_keys", p)))
+            .chain(self.grant_keys.iter().map(|p| ("grant_keys", p)))
+        {
+            if path.is_relative() {
+                return Err(invalid(format!("{key} {path:?} must be an absolute path")));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid(format!("log_level {:?} is not a tracing filter: {e}", self.log_level)))?;
@@ -366,6 +448,9 @@ mod tests {
             "pod_checkpoint_window = \"later\"",
             "failed_bundle_grace = \"never\"",
             "keep_bundles = 0",
+            "restore_roots = [\"relative\"]",
+            "tenant_grants = [{ from = \"team-a\", to = \"k8s/b\" }]",
+            "signing_key = \"key.pem\"",
         ] {
             let err = ShimConfig::from_toml(bad, Path::new("x.toml")).unwrap_err().to_string();
             assert!(err.contains(bad.split(' ').next().unwrap()), "{bad}: {err}");
@@ -377,6 +462,19 @@ mod tests {
         assert!(err.contains("absolute"), "{err}");
         let err = ShimConfig::from_toml("log_level = \"=[\"", Path::new("x.toml")).unwrap_err().to_string();
         assert!(err.contains("log_level"), "{err}");
+    }
+
+    #[test]
+    fn restore_roots_default_to_the_checkpoint_dir_and_store_and_grants_parse() {
+        use checkpoint_core::roots::Root;
+        let config = ShimConfig::from_toml("checkpoint_dir = \"/c\"", Path::new("x.toml")).unwrap();
+        let store = Root::Dir("/var/lib/kybernate/store".into());
+        assert_eq!(config.restore_roots(), RestoreRoots(vec![Root::Dir("/c".into()), store]));
+        let text = "restore_roots = [\"s3://b/p\"]\ntenant_grants = [{ from = \"k8s/a\", to = \"containerd/b\" }]\n";
+        let config = ShimConfig::from_toml(text, Path::new("x.toml")).unwrap();
+        assert_eq!(config.restore_roots(), RestoreRoots(vec![Root::S3 { bucket: "b".into(), prefix: "p".into() }]));
+        let grant = (Tenant::Kubernetes("a".into()), Tenant::Containerd("b".into()));
+        assert_eq!(config.tenant_grants(), vec![grant]);
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub enum ShimError {
     /// A tool the shim needs (runc, CRIU) is missing or cannot be started.
     #[error("{0}")]
     Unavailable(String),
+    /// The node's policy forbids it (an untrusted bundle, another tenant's, outside the restore roots).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// runc ran and failed.
     #[error("runc {action} of {id} failed ({status}): {message}")]
     Runc {
@@ -58,6 +61,11 @@ impl ShimError {
         ShimError::Io { context: context.into(), source }
     }
 
+    /// Whether the node's restore policy refused it (see [`ShimError::PermissionDenied`]).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ShimError::PermissionDenied(_) | ShimError::Core(checkpoint_core::Error::Refused { .. }))
+    }
+
     /// The ttrpc status code containerd receives for this error.
     pub fn code(&self) -> Code {
         use checkpoint_core::Error as Core;
@@ -67,6 +75,7 @@ impl ShimError {
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             ShimError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
             ShimError::Unavailable(_) => Code::UNAVAILABLE,
+            ShimError::PermissionDenied(_) => Code::PERMISSION_DENIED,
             ShimError::Runc { message, .. } => runc_code(message),
             ShimError::Io { .. } | ShimError::Internal(_) => Code::INTERNAL,
             ShimError::Core(core) => match core {
@@ -77,6 +86,8 @@ impl ShimError {
                     Code::INVALID_ARGUMENT
                 }
                 Core::NoSuchProcess { .. } => Code::NOT_FOUND,
+                Core::Refused { .. } => Code::PERMISSION_DENIED,
+                Core::Key { .. } => Code::FAILED_PRECONDITION,
                 Core::CriuMissing { .. } | Core::RuncMissing { .. } => Code::UNAVAILABLE,
                 _ => Code::INTERNAL,
             },

@@ -25,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod gpu;
 pub mod io;
+pub mod keys;
 pub mod logging;
 pub mod mount;
 pub mod oom;

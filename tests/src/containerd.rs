@@ -96,18 +96,28 @@ impl Containerd {
         )?;
         let runc_root = d.join("runc");
         let shim_config = d.join("kybernate.toml");
-        // The instance's defaults, unless the options set the same key.
+        // The node's own signing key, as `make deps` creates one.
+        let keys = d.join("keys");
+        fs::create_dir_all(keys.join("trusted"))?;
+        let signing_key = keys.join("signing.key");
+        checkpoint_core::trust::SigningKey::generate()?.write(&signing_key, &keys.join("signing.pub"))?;
+        // The instance's defaults (TOML values), unless the options set the same key. Restores may come
+        // from anywhere in the instance's directory.
+        let quoted = |p: &Path| format!("{:?}", p.display().to_string());
         let defaults = [
-            ("runc_root", runc_root.display().to_string()),
-            ("log_level", "debug".into()),
-            ("criu_binary", criu.display().to_string()),
+            ("runc_root", quoted(&runc_root)),
+            ("log_level", "\"debug\"".into()),
+            ("criu_binary", quoted(&criu)),
+            ("signing_key", quoted(&signing_key)),
+            ("trusted_keys", format!("[{}]", quoted(&keys.join("trusted")))),
+            ("restore_roots", format!("[{}]", quoted(d))),
         ];
         let set_by_options =
             |key: &str| options.shim_config.lines().any(|l| l.split('=').next().map(str::trim) == Some(key));
         let mut text: String = defaults
             .iter()
             .filter(|(key, _)| !set_by_options(key))
-            .map(|(key, value)| format!("{key} = {value:?}\n"))
+            .map(|(key, value)| format!("{key} = {value}\n"))
             .collect();
         text.push_str(&options.shim_config);
         fs::write(&shim_config, text)?;
@@ -140,6 +150,14 @@ impl Containerd {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Points the helpers (`ctr`, bundles, runc root) at containerd namespace `namespace`, another
+    /// tenant on the same node, and imports the busybox image there.
+    pub fn use_namespace(&mut self, namespace: &str) -> Result<&'static str> {
+        self.namespace = namespace.to_string();
+        self.runc_root = self.runc_root.with_file_name(namespace);
+        self.import_busybox()
     }
 
     /// A `ctr` command for this containerd and namespace.

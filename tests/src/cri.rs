@@ -296,10 +296,12 @@ impl Cri {
             // the path Containerd::start_with gives the shim config
             cri_plugin: Some(cri_plugin_config(&d, &d.join("kybernate.toml"))?),
             shim_config: format!(
-                "checkpoint_dir = {:?}\nrestore_dir = {:?}\nsidecar_binary = {:?}\n",
+                "checkpoint_dir = {:?}\nrestore_dir = {:?}\nsidecar_binary = {:?}\nrestore_roots = [{:?}, \"s3://{}\"]\n",
                 checkpoint_dir.display().to_string(),
                 d.join("restore").display().to_string(),
-                wrapper.display().to_string()
+                wrapper.display().to_string(),
+                d.display().to_string(),
+                crate::s3::BUCKET,
             ),
         };
         let suffix = d.file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("kt-").to_lowercase();

@@ -14,6 +14,7 @@ pub mod containerd;
 pub mod cri;
 pub mod gpu_fakes;
 pub mod images;
+pub mod keys;
 pub mod process;
 pub mod runc;
 pub mod s3;

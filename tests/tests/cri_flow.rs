@@ -330,14 +330,15 @@ fn a_pod_checkpoint_restores_from_the_filesystem_store_and_from_s3() {
     let cri = Cri::start().unwrap();
     let (dir, last) = checkpointed_pod(&cri, &["a", "b"]);
     let rel = dir.strip_prefix(&cri.checkpoint_dir).unwrap().to_path_buf();
-    let store = tempfile::tempdir().unwrap();
-    push_pod(&cri, &dir, &format!("file://{}", store.path().display()), &[]);
+    // a filesystem store inside the node's restore roots (the instance's directory)
+    let store = cri.containerd.dir.path().join("store");
+    push_pod(&cri, &dir, &format!("file://{}", store.display()), &[]);
     let s3 = kybernate_tests::s3::S3Server::start();
     push_pod(&cri, &dir, &format!("s3://{}", kybernate_tests::s3::BUCKET), &s3.sidecar_env());
     fs::remove_dir_all(&dir).unwrap();
     ok(&cri, "the shim's sidecar reaches the S3 server", cri.set_sidecar_env(&s3.sidecar_env()));
 
-    let from_store = store.path().join(&rel).display().to_string();
+    let from_store = store.join(&rel).display().to_string();
     let from_s3 = format!("s3://{}/{}", kybernate_tests::s3::BUCKET, rel.display());
     for reference in [from_store, from_s3] {
         let pod = ok(&cri, "RunPodSandbox", cri.run_pod("pod-remote", &[(RESTORE_FROM, &reference)]));

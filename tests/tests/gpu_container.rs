@@ -89,6 +89,7 @@ fn request(container: &RuncContainer, gpu: Arc<GpuContext>) -> ContainerCheckpoi
         gpu: Some(gpu),
         layout: BundleLayout::Archive,
         durability: Durability::Synced,
+        signer: Some(kybernate_tests::keys::node_key()),
     }
 }
 
@@ -148,11 +149,16 @@ fn checkpoint_gpu_container(dir: &Path, runc: &Runc, container: &RuncContainer) 
 /// Opens the bundle `out` for a restore on a node whose GPUs are `ctx`'s.
 fn open(out: &Path, ctx: Arc<GpuContext>) -> checkpoint_core::Result<RestorableBundle> {
     let gpu = move || Ok(Arc::clone(&ctx));
-    open_container_bundle(
-        out,
-        &Criu::from_path(),
-        &OpenOptions { accept_unsealed: false, accept_partial: false, gpu: &gpu, gpu_match: GpuMatch::default() },
-    )
+    let trust = kybernate_tests::keys::trusted();
+    let opts = OpenOptions {
+        accept_unsealed: false,
+        accept_partial: false,
+        gpu: &gpu,
+        gpu_match: GpuMatch::default(),
+        trust: &trust,
+        tenant: None,
+    };
+    open_container_bundle(out, &Criu::from_path(), &opts)
 }
 
 /// The checkpointed container restored under its own id and bundle.

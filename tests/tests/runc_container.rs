@@ -205,6 +205,7 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
         gpu: None,
         layout: BundleLayout::Archive,
         durability: Durability::Synced,
+        signer: Some(kybernate_tests::keys::node_key()),
     };
     let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
     checkpoint_container_bundle(&runc, &criu, &bundle_dir, &request, &opts).unwrap();
@@ -212,8 +213,15 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
     container.delete();
 
     let no_gpu = || Err("no GPU here".to_string());
-    let open =
-        OpenOptions { accept_unsealed: false, accept_partial: false, gpu: &no_gpu, gpu_match: Default::default() };
+    let trust = kybernate_tests::keys::trusted();
+    let open = OpenOptions {
+        accept_unsealed: false,
+        accept_partial: false,
+        gpu: &no_gpu,
+        gpu_match: Default::default(),
+        trust: &trust,
+        tenant: None,
+    };
     let opened = open_container_bundle(&bundle_dir, &criu, &open).unwrap();
     let target = RestoreTarget {
         id: "ck-systemd".into(),
@@ -276,6 +284,7 @@ fn stop_request(container: &RuncContainer, upperdir: &Path) -> checkpoint_core::
         gpu: None,
         layout: checkpoint_core::bundle::BundleLayout::Archive,
         durability: checkpoint_core::bundle::Durability::Synced,
+        signer: Some(kybernate_tests::keys::node_key()),
     }
 }
 
@@ -283,8 +292,15 @@ fn stop_request(container: &RuncContainer, upperdir: &Path) -> checkpoint_core::
 fn restore_bundle(dir: &Path, work: &Path, runc: &Runc, container: &RuncContainer, partial: bool) -> RuncContainer {
     use checkpoint_core::{open_container_bundle, restore_container_bundle, OpenOptions, RestoreTarget};
     let no_gpu = || Err("no GPU here".to_string());
-    let open =
-        OpenOptions { accept_unsealed: false, accept_partial: partial, gpu: &no_gpu, gpu_match: Default::default() };
+    let trust = kybernate_tests::keys::trusted();
+    let open = OpenOptions {
+        accept_unsealed: false,
+        accept_partial: partial,
+        gpu: &no_gpu,
+        gpu_match: Default::default(),
+        trust: &trust,
+        tenant: None,
+    };
     let criu = Criu::from_path();
     let opened = open_container_bundle(dir, &criu, &open).unwrap();
     let target = RestoreTarget {
@@ -393,9 +409,12 @@ fn a_full_disk_after_the_dump_keeps_the_images_as_partial_and_the_container_runn
     assert!(refused.contains("partial") && refused.contains("allow-partial"), "{refused}");
 
     // The partial bundle restores its memory when asked to: the counter continues from the dump.
-    let (_, missing) = checkpoint_core::bundle::verify_partial(&bundle_dir).unwrap();
+    let trust = kybernate_tests::keys::trusted();
+    let (_, missing, signed) = checkpoint_core::bundle::verify_partial(&bundle_dir, Some(&trust)).unwrap();
+    assert!(matches!(signed, Some(checkpoint_core::trust::Provenance::Signed { .. })), "{signed:?}");
     assert!(missing.contains("No space left on device"), "{missing}");
-    let at_dump = checkpoint_core::bundle::verify_partial(&bundle_dir).unwrap().0.checkpoint.unwrap().pages_written;
+    let at_dump =
+        checkpoint_core::bundle::verify_partial(&bundle_dir, None).unwrap().0.checkpoint.unwrap().pages_written;
     assert!(at_dump > 0);
     container.delete();
     let restored = restore_bundle(&bundle_dir, &dir.path().join("restore-work"), &runc, &container, true);

@@ -24,6 +24,7 @@ use crate::options::CheckpointOptions;
 use crate::report::CheckpointReport;
 use crate::rootfs::{self, RootfsDiffStats};
 use crate::runc::{checkpoint_container, ContainerStatus, Runc};
+use crate::trust::SigningKey;
 
 /// `config.dump`: the container's identity with the field names Podman, CRI-O and checkpointctl use.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +70,9 @@ pub struct ContainerCheckpoint {
     /// Whether sealing fsyncs the bundle ([`Durability::Unsynced`] when containerd copies it into its
     /// content store next anyway).
     pub durability: Durability,
+    /// The node key that signs the manifest (see [`crate::trust`]); `None` writes an unsigned bundle,
+    /// which nodes restore only with `allow_unsigned`.
+    pub signer: Option<Arc<SigningKey>>,
 }
 
 /// How a bundle checkpoint went.
@@ -182,7 +186,7 @@ pub fn checkpoint_container_bundle(
         }
         Err(e) => {
             let reason = format!("the CRIU images are complete, but {e}");
-            if let Err(mark) = bundle::mark_partial(dir, manifest, &reason) {
+            if let Err(mark) = bundle::mark_partial(dir, manifest, &reason, container.signer.as_deref()) {
                 tracing::error!(dir = %dir.display(), error = %mark, "marking the bundle PARTIAL failed; its images stay");
             }
             thaw();
@@ -198,14 +202,18 @@ fn finish_bundle(
     image_dir: &Path,
     container: &ContainerCheckpoint,
     opts: &CheckpointOptions,
-    manifest: Manifest,
+    mut manifest: Manifest,
     deadline: Option<Instant>,
 ) -> Result<(Manifest, Option<RootfsDiffStats>, Duration, Duration)> {
     let rootfs_started = Instant::now();
-    let rootfs = match container.layout {
+    let layer = match container.layout {
         BundleLayout::Archive => write_metadata(dir, image_dir, container, opts)?,
         BundleLayout::TaskImage => None,
     };
+    let rootfs = layer.map(|layer| {
+        manifest.setid_files = layer.setid;
+        layer.stats
+    });
     let rootfs_time = rootfs_started.elapsed();
     if deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(Error::io(
@@ -214,7 +222,8 @@ fn finish_bundle(
         ));
     }
     let seal_started = Instant::now();
-    let manifest = bundle::seal_until(dir, manifest, container.durability, deadline)?;
+    let how = bundle::Seal { durability: container.durability, deadline, signer: container.signer.as_deref() };
+    let manifest = bundle::seal_with(dir, manifest, &how)?;
     Ok((manifest, rootfs, rootfs_time, seal_started.elapsed()))
 }
 
@@ -301,13 +310,13 @@ fn abandon(dir: &Path, reason: &str) {
 }
 
 /// What a node bundle holds beside the images: `stats-dump`, `spec.dump`, `config.dump` and the
-/// writable layer (its statistics, when the rootfs is an overlay).
+/// writable layer (what it captured, when the rootfs is an overlay).
 fn write_metadata(
     dir: &Path,
     image_dir: &Path,
     container: &ContainerCheckpoint,
     opts: &CheckpointOptions,
-) -> Result<Option<RootfsDiffStats>> {
+) -> Result<Option<rootfs::CapturedLayer>> {
     let work_dir = opts.work_dir.clone().unwrap_or_else(|| image_dir.to_path_buf());
     let stats_src = work_dir.join(stats::STATS_DUMP_FILE);
     if stats_src.is_file() {

@@ -16,4 +16,5 @@ mod restore;
 pub use checkpoint::{checkpoint_container_bundle, BundleReport, ConfigDump, ContainerCheckpoint};
 pub use restore::{
     check_host, open_container_bundle, restore_container_bundle, OpenOptions, RestorableBundle, RestoreTarget,
+    TenantCheck,
 };

@@ -14,6 +14,8 @@ use crate::options::{CriuFlags, RestoreOptions};
 use crate::report::RestoreReport;
 use crate::rootfs;
 use crate::runc::{restore_container, ChildStdio, ContainerRestore, Runc};
+use crate::tenant::{Access, Tenant, TenantPolicy};
+use crate::trust::{Provenance, TrustedKeys};
 
 /// How [`open_container_bundle`] treats what it opens.
 pub struct OpenOptions<'a> {
@@ -30,6 +32,25 @@ pub struct OpenOptions<'a> {
     pub gpu: &'a dyn Fn() -> std::result::Result<Arc<GpuContext>, String>,
     /// How closely this node's GPUs must match the checkpoint's.
     pub gpu_match: GpuMatch,
+    /// The keys whose signatures this node accepts; the manifest's signature is checked first, before
+    /// anything else of the bundle is read.
+    pub trust: &'a TrustedKeys,
+    /// The tenant check, when the restore is done for a tenant: the bundle's recorded tenant must be
+    /// the target's, or the policy must grant the pair.
+    pub tenant: Option<TenantCheck<'a>>,
+}
+
+/// Who a bundle is restored for (see [`crate::tenant`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TenantCheck<'a> {
+    /// The node's grants.
+    pub policy: &'a TenantPolicy,
+    /// The tenant of the container being restored.
+    pub target: &'a Tenant,
+    /// The reference the bundle was named by (what a grant may be bound to).
+    pub reference: &'a str,
+    /// The grant token the restore carries (`kybernate.io/restore-grant`), if any.
+    pub grant: Option<&'a str>,
 }
 
 /// A bundle that was verified and checked against this node, ready to be restored.
@@ -48,6 +69,8 @@ pub struct RestorableBundle {
     pub gpu: Option<GpuRestorePlan>,
     /// What is missing from a `PARTIAL` bundle opened with [`OpenOptions::accept_partial`].
     pub partial: Option<String>,
+    /// Who signed it.
+    pub provenance: Provenance,
 }
 
 impl RestorableBundle {
@@ -64,7 +87,8 @@ impl RestorableBundle {
         if !rootfs::has_rootfs_diff(&self.dir) {
             return Ok(false);
         }
-        match (rootfs::apply_rootfs_diff(&self.dir, rootfs), &self.partial) {
+        let setid = self.manifest.as_ref().map(|m| m.setid_files.clone()).unwrap_or_default();
+        match (rootfs::apply_rootfs_diff(&self.dir, rootfs, &setid), &self.partial) {
             (Ok(()), _) => Ok(true),
             (Err(e), Some(missing)) => {
                 tracing::warn!(bundle = %self.dir.display(), error = %e, %missing, "the partial bundle's writable layer was applied as far as it was captured");
@@ -84,20 +108,36 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
         return Err(refuse("the directory does not exist".into()));
     }
     let mut partial = None;
-    let manifest = if opts.accept_unsealed && !dir.join(MANIFEST_FILE).exists() {
-        tracing::warn!(image = %dir.display(), "checkpoint has no Kybernate manifest; restoring it unverified");
-        None
+    let (manifest, provenance) = if opts.accept_unsealed && !dir.join(MANIFEST_FILE).exists() {
+        if !opts.trust.allow_unsigned {
+            return Err(Error::Refused {
+                subject: format!("checkpoint {}", dir.display()),
+                reason: "it has no Kybernate manifest (another shim wrote it), so nothing says who wrote it or that \
+                         it is intact; checkpoint with Kybernate, or set allow_unsigned = true in the shim config to \
+                         restore such images unverified"
+                    .into(),
+            });
+        }
+        tracing::warn!(image = %dir.display(), "checkpoint has no Kybernate manifest; restoring it unverified (allow_unsigned)");
+        (None, Provenance::Unsigned)
     } else {
-        let manifest = if opts.accept_partial && dir.join(bundle::PARTIAL_MARKER).exists() {
-            let (manifest, missing) = bundle::verify_partial(dir)?;
+        let (manifest, provenance) = if opts.accept_partial && dir.join(bundle::PARTIAL_MARKER).exists() {
+            let (manifest, missing, provenance) = bundle::verify_partial(dir, Some(opts.trust))?;
             tracing::warn!(bundle = %dir.display(), %missing, "restoring a partial checkpoint (allow-partial)");
             partial = Some(missing);
-            manifest
+            (manifest, provenance.unwrap_or(Provenance::Unsigned))
         } else {
-            bundle::verify(dir)?
+            bundle::verify_trusted(dir, opts.trust)?
         };
+        if let Some(check) = &opts.tenant {
+            let from = Tenant::of(&manifest.container);
+            let access = check.policy.check(&from, check.target, check.reference, check.grant)?;
+            if access != Access::Own {
+                tracing::info!(bundle = %dir.display(), %from, to = %check.target, ?access, "restoring another tenant's bundle, as granted");
+            }
+        }
         check_host(dir, &manifest, criu)?;
-        Some(manifest)
+        (Some(manifest), provenance)
     };
     let layout = BundleLayout::detect(dir).ok_or_else(|| {
         refuse(format!(
@@ -121,7 +161,7 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
     };
     // Images of other shims carry no flags: CRIU's defaults, as runc's restore assumes.
     let flags = manifest.as_ref().and_then(|m| m.criu_flags.clone()).unwrap_or_default();
-    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu, partial })
+    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu, partial, provenance })
 }
 
 /// Checks that the checkpoint of `manifest` (in `dir`) can be restored here: same CPU architecture,

@@ -1,7 +1,8 @@
 //! Checkpoint over the task API (`ctr c checkpoint`, `ctr t checkpoint`, containerd 2.x CRI's
 //! CheckpointContainer): one checkpoint-core call writes CRIU's images and Kybernate's manifest into
 //! the directory containerd names, as a task image (images at the top, as runc's shim writes them),
-//! which travels with containerd's checkpoint image and is verified when it is restored.
+//! which travels with containerd's checkpoint image and is verified — its signature first — when it is
+//! restored.
 
 use checkpoint_core::bundle::{BundleLayout, Durability};
 use checkpoint_core::{checkpoint_container_bundle, CheckpointOptions, ContainerCheckpoint};
@@ -24,6 +25,7 @@ impl Container {
             timeout: None,
             flags: req.flags.clone(),
         };
+        let signer = crate::keys::signer(&self.config)?;
         let _ops = self.ops();
         self.require_status(&[TaskStatus::Running, TaskStatus::Paused], "checkpointed")?;
         if req.work_dir.is_none() {
@@ -39,6 +41,7 @@ impl Container {
             layout: BundleLayout::TaskImage,
             // containerd tars the image into its content store next; that copy is the durable one.
             durability: Durability::Unsynced,
+            signer: Some(signer),
         };
         let report = checkpoint_container_bundle(&self.runc, &self.criu, &req.image_dir, &container, &opts)?;
         self.events.send(TaskEvent::Checkpointed {

@@ -99,15 +99,25 @@ pub fn prepare(ctx: &CreateContext<'_>, req: &CreateRequest) -> Result<Prepared>
     let checkpoint_on_stop = crate::annotations::checkpoint_on_stop(&spec, &config)?;
     // A checkpoint named by containerd (`ctr c restore`) wins over one named by annotation.
     let restore = match req.checkpoint.as_str() {
-        "" => restore_from::resolve(&spec, &req.id, &config, &criu, ctx.reaper)?,
-        dir => Some(open_task_checkpoint(Path::new(dir), &req.parent_checkpoint, &config, &criu)?),
+        "" => restore_from::resolve(&spec, &req.id, ctx.namespace, &config, &criu, ctx.reaper)?,
+        dir => {
+            let restoring = restore_from::Restoring::new(&spec, ctx.namespace, dir);
+            Some(open_task_checkpoint(Path::new(dir), &req.parent_checkpoint, &config, &criu, &restoring)?)
+        }
     };
     Ok(Prepared { config, flags, spec, runc, criu, restore, checkpoint_on_stop })
 }
 
-/// Opens a checkpoint containerd hands over (`ctr c restore`): verified when it carries Kybernate's
-/// manifest, else (an image of another shim) accepted unverified with a warning.
-fn open_task_checkpoint(dir: &Path, parent: &str, config: &ShimConfig, criu: &Criu) -> Result<RestorableBundle> {
+/// Opens a checkpoint containerd hands over (`ctr c restore`): signed by a trusted key, of the
+/// restoring container's tenant, and verified, like any bundle; an image of another shim (no
+/// manifest) only with `allow_unsigned`.
+fn open_task_checkpoint(
+    dir: &Path,
+    parent: &str,
+    config: &ShimConfig,
+    criu: &Criu,
+    restoring: &restore_from::Restoring<'_>,
+) -> Result<RestorableBundle> {
     let refuse =
         |why: String| ShimError::InvalidArgument(format!("checkpoint {} cannot be restored: {why}", dir.display()));
     if !parent.is_empty() {
@@ -115,9 +125,11 @@ fn open_task_checkpoint(dir: &Path, parent: &str, config: &ShimConfig, criu: &Cr
             "it names parent checkpoint {parent}; incremental restores are not supported, restore a full checkpoint"
         )));
     }
-    restore_from::open(dir, config, criu, true, false).map_err(|e| match e {
-        e @ (checkpoint_core::Error::Bundle { .. } | checkpoint_core::Error::BadImage { .. }) => refuse(e.to_string()),
-        e => e.into(),
+    restore_from::open(dir, config, criu, true, false, restoring).map_err(|e| match e {
+        ShimError::Core(e @ (checkpoint_core::Error::Bundle { .. } | checkpoint_core::Error::BadImage { .. })) => {
+            refuse(e.to_string())
+        }
+        e => e,
     })
 }
 

@@ -16,19 +16,28 @@
 //! hashed — and checks this node, GPUs included, before the container is created. When the bundle
 //! cannot be used, `kybernate.io/restore-policy` decides between failing the Create (default) and
 //! starting fresh.
+//!
+//! Only what the node allows is restored (`docs/security.md`): the reference must lie under the
+//! configured restore roots (checked before anything is fetched, again on the bundle found), the
+//! manifest must be signed by a trusted key (checked before anything else of the bundle is read), and
+//! the bundle must be of the restoring container's tenant, unless the config or a signed
+//! `kybernate.io/restore-grant` allows the pair. A refusal fails the Create with PERMISSION_DENIED
+//! (or, with `fallback-fresh`, starts the container fresh and logs why).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use checkpoint_core::bundle::ContainerIdentity;
 use checkpoint_core::pod::{self, DirKind, Selection};
 use checkpoint_core::reference::BundleRef;
-use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, SpawnHook, Spawner};
+use checkpoint_core::tenant::Tenant;
+use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, SpawnHook, Spawner, TenantCheck};
 
 use crate::annotations::{
-    is_sandbox, restore_policy, RestorePolicy, CONTAINER_NAME, RESTORE_FROM, RESTORE_FROM_CONTAINER_PREFIX,
-    RESTORE_POLICY,
+    is_sandbox, restore_policy, RestorePolicy, CONTAINER_NAME, POD_NAMESPACE, RESTORE_FROM,
+    RESTORE_FROM_CONTAINER_PREFIX, RESTORE_GRANT, RESTORE_POLICY,
 };
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
@@ -38,6 +47,30 @@ use crate::spec::SpecInfo;
 /// Exit status of `kybernate-sidecar pull --container` for a container the pod checkpoint does not
 /// cover (the sidecar's `NOT_COVERED_EXIT`).
 const SIDECAR_NOT_COVERED: i32 = 3;
+
+/// Who a bundle is opened for: the tenant that restores it, the reference that named it and the
+/// grant the container carries.
+pub(super) struct Restoring<'a> {
+    /// The restoring container's tenant.
+    pub target: Tenant,
+    /// The reference (annotation value, or the task checkpoint directory).
+    pub reference: &'a str,
+    /// `kybernate.io/restore-grant`, if set.
+    pub grant: Option<&'a str>,
+}
+
+impl<'a> Restoring<'a> {
+    /// The restore `spec` asks for from `reference`, by a container in containerd namespace
+    /// `namespace`: its tenant is its pod's Kubernetes namespace, else that containerd namespace.
+    pub fn new(spec: &'a SpecInfo, namespace: &str, reference: &'a str) -> Self {
+        let identity = ContainerIdentity {
+            namespace: namespace.to_string(),
+            kube_namespace: spec.annotation(POD_NAMESPACE).map(str::to_string),
+            ..Default::default()
+        };
+        Restoring { target: Tenant::of(&identity), reference, grant: spec.annotation(RESTORE_GRANT) }
+    }
+}
 
 /// Where a reference led for this container.
 enum Located {
@@ -53,6 +86,7 @@ enum Located {
 pub fn resolve(
     spec: &SpecInfo,
     id: &str,
+    namespace: &str,
     config: &ShimConfig,
     criu: &Criu,
     reaper: &Arc<Reaper>,
@@ -82,14 +116,17 @@ pub fn resolve(
         }
         Ok(Located::Bundle(dir)) => {
             let accept_partial = policy == Some(RestorePolicy::AllowPartial);
-            open(&dir, config, criu, false, accept_partial).map_err(ShimError::from)
+            open(&dir, config, criu, false, accept_partial, &Restoring::new(spec, namespace, reference))
         }
         Err(e) => Err(e),
     };
     match (opened, policy.unwrap_or(RestorePolicy::Fail)) {
         (Ok(opened), _) => {
-            tracing::info!(id, reference, bundle = %opened.dir.display(), gpu = opened.gpu.is_some(), "restoring from bundle");
+            tracing::info!(id, reference, bundle = %opened.dir.display(), gpu = opened.gpu.is_some(), signed = ?opened.provenance, "restoring from bundle");
             Ok(Some(opened))
+        }
+        (Err(e), RestorePolicy::Fail | RestorePolicy::AllowPartial) if e.is_refusal() => {
+            Err(ShimError::PermissionDenied(format!("container {id} cannot be restored: {e}")))
         }
         (Err(e), RestorePolicy::Fail | RestorePolicy::AllowPartial) => Err(ShimError::FailedPrecondition(format!(
             "container {id} cannot be restored from {reference}: {e}; fix or replace the bundle, or set \
@@ -102,25 +139,44 @@ pub fn resolve(
     }
 }
 
-/// Opens a bundle for a restore on this node with checkpoint-core (verified, host and GPUs checked);
-/// this node's GPU context is built only when the bundle holds GPU state.
+/// Opens a bundle for a restore on this node with checkpoint-core: its signature checked against the
+/// node's trusted keys, its tenant against `restoring`'s, verified, host and GPUs checked; this node's
+/// GPU context is built only when the bundle holds GPU state.
 pub(super) fn open(
     dir: &Path,
     config: &ShimConfig,
     criu: &Criu,
     accept_unsealed: bool,
     accept_partial: bool,
-) -> checkpoint_core::Result<RestorableBundle> {
+    restoring: &Restoring<'_>,
+) -> Result<RestorableBundle> {
+    let trust = crate::keys::trusted(config)?;
+    let policy = crate::keys::tenant_policy(config)?;
     let gpu = || crate::gpu::node_context(config, criu, config.checkpoint_budget()).map_err(|e| e.to_string());
-    let opts = OpenOptions { accept_unsealed, accept_partial, gpu: &gpu, gpu_match: Default::default() };
-    open_container_bundle(dir, criu, &opts)
+    let tenant = TenantCheck {
+        policy: &policy,
+        target: &restoring.target,
+        reference: restoring.reference,
+        grant: restoring.grant,
+    };
+    let opts = OpenOptions {
+        accept_unsealed,
+        accept_partial,
+        gpu: &gpu,
+        gpu_match: Default::default(),
+        trust: &trust,
+        tenant: Some(tenant),
+    };
+    Ok(open_container_bundle(dir, criu, &opts)?)
 }
 
 /// Follows `reference` to this container's bundle: in place, from a pod checkpoint on this node, or
-/// fetched by the sidecar (one archive, or this container's from a pod checkpoint in a store).
+/// fetched by the sidecar (one archive, or this container's from a pod checkpoint in a store). The
+/// reference, and a bundle found in a pod's directory, must lie under the restore roots.
 fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reaper: &Arc<Reaper>) -> Result<Located> {
     let (target, at) = pod::split_time(reference);
-    let parsed = BundleRef::parse(target)?;
+    let roots = config.restore_roots();
+    let parsed = roots.confine(&BundleRef::parse(target)?)?;
     let pod_prefix = match &parsed {
         BundleRef::LocalDir(dir) => match pod::classify(dir) {
             DirKind::Bundle if at.is_none() => return Ok(Located::Bundle(dir.clone())),
@@ -132,7 +188,7 @@ fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reape
             DirKind::NodePod => {
                 let entries = pod::node_entries(dir);
                 return match pod::select(&entries, container, at) {
-                    Selection::Covered(entry) => Ok(Located::Bundle(dir.join(&entry.rel))),
+                    Selection::Covered(entry) => Ok(Located::Bundle(roots.confine_path(&dir.join(&entry.rel))?)),
                     Selection::NotCovered { time, containers } => Ok(Located::NotCovered(format!(
                         "its pod checkpoint {time} holds bundles of {} only",
                         containers.join(", ")

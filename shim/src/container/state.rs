@@ -15,7 +15,7 @@ use checkpoint_core::gpu::GpuContext;
 use checkpoint_core::{Criu, RestorableBundle, Runc};
 
 use super::pod_checkpoint::PodCheckpoints;
-use crate::annotations::{CONTAINER_NAME, IMAGE_NAME, POD_NAME};
+use crate::annotations::{CONTAINER_NAME, IMAGE_NAME, POD_NAME, POD_NAMESPACE};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::events::{Events, TaskEvent};
@@ -163,6 +163,7 @@ impl Container {
     pub fn identity(&self) -> ContainerIdentity {
         ContainerIdentity {
             namespace: self.namespace.clone(),
+            kube_namespace: self.spec.annotation(POD_NAMESPACE).map(str::to_string),
             pod: self.spec.annotation(POD_NAME).map(str::to_string),
             name: self.spec.annotation(CONTAINER_NAME).unwrap_or(&self.id).to_string(),
             id: self.id.clone(),

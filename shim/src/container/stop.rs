@@ -12,7 +12,8 @@
 //!
 //! On a node with NVML, the container's processes that use a GPU are locked and their GPU state
 //! checkpointed around the dump by the configured `gpu_backend` (rolled back on failure), and the
-//! bundle's manifest describes the GPUs; see `docs/gpu.md`.
+//! bundle's manifest describes the GPUs; see `docs/gpu.md`. Every bundle is signed with the node's key
+//! (`signing_key`); without a usable key there is no checkpoint, and the container stops as usual.
 
 use std::time::SystemTime;
 
@@ -51,6 +52,13 @@ impl Container {
         if self.procs().init.status != TaskStatus::Running || !self.procs().init.is_alive() {
             return false;
         }
+        let signer = match crate::keys::signer(&self.config) {
+            Ok(signer) => signer,
+            Err(e) => {
+                tracing::error!(id = %self.id, error = %e, "no checkpoint on stop: this node cannot sign bundles");
+                return false;
+            }
+        };
         let pod = self.spec.annotation(POD_NAME).unwrap_or(&self.id);
         let namespace = self.spec.annotation(POD_NAMESPACE).unwrap_or(&self.namespace);
         let name = self.spec.annotation(CONTAINER_NAME).unwrap_or(&self.id);
@@ -88,6 +96,7 @@ impl Container {
                 gpu: self.gpu_context(),
                 layout: BundleLayout::Archive,
                 durability: Durability::Synced,
+                signer: Some(signer),
             };
             checkpoint_container_bundle(&self.runc, &self.criu, &dir, &container, &opts)
         };

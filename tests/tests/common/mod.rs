@@ -2,11 +2,12 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::Result;
+use checkpoint_core::bundle::{COMPLETE_MARKER, FAILED_MARKER};
 use kybernate_tests::{kybernate_shim_binary, read_counter, wait_for, Containerd, COUNTER_SCRIPT, KYBERNATE_RUNTIME};
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -169,4 +170,65 @@ pub fn setup_with(shim_config: &str) -> (Containerd, &'static str) {
     let containerd = Containerd::start_with(dir, &shim, &options).unwrap();
     let image = containerd.import_busybox().unwrap();
     (containerd, image)
+}
+
+/// The annotation that opts a container into checkpoint on stop.
+pub const OPT_IN: &str = "kybernate.io/checkpoint-on-stop=true";
+/// The checkpoint directory of an instance started by [`setup_with`] with [`CHECKPOINTS`].
+pub const CHECKPOINTS: &str = "checkpoint_dir = \"{dir}/checkpoints\"\n";
+/// A counter that exits 7 on SIGTERM (a shell as pid 1 ignores signals it does not trap).
+pub const TRAPPING_COUNTER: &str =
+    "trap 'exit 7' TERM; i=0; while :; do i=$((i+1)); echo $i > /state/counter.new; mv /state/counter.new /state/counter; sleep 0.1; done";
+
+/// The checkpoint directory of an instance started with [`CHECKPOINTS`].
+pub fn checkpoint_root(c: &Containerd) -> PathBuf {
+    c.dir.path().join("checkpoints")
+}
+
+/// Every bundle directory (holding a marker) under the checkpoint root.
+pub fn bundles(c: &Containerd) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.join(COMPLETE_MARKER).exists() || path.join(FAILED_MARKER).exists() {
+                out.push(path);
+            } else if path.is_dir() {
+                walk(&path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&checkpoint_root(c), &mut out);
+    out.sort();
+    out
+}
+
+/// Runs `script` detached in container `id` with extra `ctr run` flags; waits for its counter.
+pub fn run_counter(c: &Containerd, image: &str, id: &str, flags: &[&str], script: &str) -> u64 {
+    ctr_run(c, &[&["-d"], flags].concat(), image, id, &["sh", "-c", script]).unwrap().ok("ctr run -d").unwrap();
+    counter_past(c, id, 3)
+}
+
+/// `ctr t kill` (SIGTERM), then waits for the task to stop and removes it; returns `ctr t rm`'s
+/// report (which carries the exit status) and the last counter value the container wrote.
+pub fn stop_and_remove(c: &Containerd, id: &str) -> (String, u64) {
+    c.ctr_ok(&["tasks", "kill", id]).unwrap();
+    c.wait_task_status(id, "STOPPED", TIMEOUT).unwrap();
+    let last = read_counter(&c.bundle(id)).unwrap();
+    let rm = c.ctr_run(&["tasks", "rm", id], TIMEOUT).unwrap();
+    assert_eq!(rm.code, Some(0), "{rm:?}");
+    c.ctr_ok(&["containers", "rm", id]).unwrap();
+    (format!("{}{}", rm.stdout, rm.stderr), last)
+}
+
+/// Takes a checkpoint on stop of a fresh opted-in counter container `id`; the bundle and the last value.
+pub fn checkpointed_bundle(c: &Containerd, image: &str, id: &str) -> (PathBuf, u64) {
+    run_counter(c, image, id, &["--annotation", OPT_IN], COUNTER_SCRIPT);
+    counter_past(c, id, 10);
+    let (rm, last) = stop_and_remove(c, id);
+    assert!(rm.contains("143"), "a checkpointed container exits as on SIGTERM (143): {rm}");
+    let found: Vec<PathBuf> = bundles(c).into_iter().filter(|b| b.components().any(|p| p.as_os_str() == id)).collect();
+    assert_eq!(found.len(), 1, "one bundle for {id}: {found:?}");
+    (found[0].clone(), last)
 }

@@ -2,7 +2,8 @@
 //! `kybernate.io/checkpoint-on-stop` is stopped with `ctr t kill`, the shim checkpoints it into the node
 //! checkpoint directory before it exits, the sidecar ships the bundle to the local (filesystem) store,
 //! and a new container started with `kybernate.io/restore-from` naming the archive in that store is
-//! fetched back by the shim and resumes its counter where it stopped. Run as root after `make deps`
+//! fetched back by the shim — its signature, tenant and hashes checked — and resumes its counter where
+//! it stopped. Run as root after `make deps`
 //! (`make demo` does both).
 //!
 //! The shim and sidecar binaries are expected next to this program
@@ -16,9 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use checkpoint_core::bundle;
+use checkpoint_core::trust::{Provenance, TrustedKeys};
 use containerd::{wait_for, Containerd, KYBERNATE_RUNTIME, KYBERNATE_SHIM};
 
 mod containerd;
+
+/// The public half of the node's signing key, as `make deps` creates it.
+const NODE_PUBLIC_KEY: &str = "/etc/kybernate/keys/signing.pub";
 
 /// The workload: a shell counter kept in memory, written to a file of its writable layer.
 const COUNTER: &str =
@@ -35,11 +40,15 @@ fn main() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("kybernate-demo-").tempdir_in("/tmp")?;
     let checkpoints = dir.path().join("checkpoints");
     let store = dir.path().join("store");
+    // The node's signing key is the default one `make deps` created; restores may come from the
+    // demo's checkpoint directory and store only.
     let shim_settings = format!(
-        "checkpoint_dir = \"{}\"\nrestore_dir = \"{}\"\nsidecar_binary = \"{}\"\n",
+        "checkpoint_dir = \"{}\"\nrestore_dir = \"{}\"\nsidecar_binary = \"{}\"\nrestore_roots = [\"{}\", \"{}\"]\n",
         checkpoints.display(),
         dir.path().join("restore").display(),
-        sidecar.display()
+        sidecar.display(),
+        checkpoints.display(),
+        store.display()
     );
     println!("==> starting a private containerd in {} with {KYBERNATE_RUNTIME}", dir.path().display());
     let c = Containerd::start(dir, &shim, &shim_settings)?;
@@ -67,7 +76,9 @@ fn main() -> Result<()> {
     println!("    stopped at counter {last} in {stop_time:.2?} ({})", String::from_utf8_lossy(&rm.stderr).trim());
 
     let bundle_dir = find_bundle(&checkpoints)?;
-    let manifest = bundle::verify(&bundle_dir)?;
+    let trusted = TrustedKeys::load(&[PathBuf::from(NODE_PUBLIC_KEY)], false)?;
+    let (manifest, signed) = bundle::verify_trusted(&bundle_dir, &trusted)
+        .with_context(|| format!("the bundle is not signed by this node's key {NODE_PUBLIC_KEY} (run `make deps`)"))?;
     let report = manifest.checkpoint.as_ref().context("the manifest has no checkpoint report")?;
     println!("==> bundle {}", bundle_dir.display());
     println!(
@@ -77,6 +88,9 @@ fn main() -> Result<()> {
         report.memory_bytes / 1024,
         manifest.files.len()
     );
+    if let Provenance::Signed { key_id, .. } = signed {
+        println!("    manifest signed by this node's key {key_id} ({NODE_PUBLIC_KEY})");
+    }
     for name in ["config.dump", "spec.dump", "rootfs-diff.tar", "deleted.files", "stats-dump", "COMPLETE"] {
         let size = fs::metadata(bundle_dir.join(name)).map(|m| m.len()).unwrap_or(0);
         println!("    {name:<16} {size:>8} bytes");
