@@ -326,6 +326,27 @@ mod tests {
     }
 
     #[test]
+    fn keys_made_by_openssl_as_make_deps_makes_them_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (private, public) = (dir.path().join("signing.key"), dir.path().join("signing.pub"));
+        let openssl = |args: &[&str]| {
+            let status = std::process::Command::new("openssl").args(args).status().expect("openssl (make deps)");
+            assert!(status.success(), "openssl {args:?}: {status}");
+        };
+        openssl(&["genpkey", "-algorithm", "ed25519", "-out", private.to_str().unwrap()]);
+        openssl(&["pkey", "-in", private.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()]);
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
+        let key = SigningKey::load(&private).unwrap();
+        let trusted = TrustedKeys::load(&[public], false).unwrap();
+        assert_eq!(trusted.ids(), vec![key.id().to_string()]);
+        let signature = key.sign_manifest(b"{}");
+        assert!(matches!(
+            trusted.check_manifest(dir.path(), b"{}", Some(&signature)).unwrap(),
+            Provenance::Signed { .. }
+        ));
+    }
+
+    #[test]
     fn keys_round_trip_through_pem_files_and_private_ones_must_be_private() {
         let dir = tempfile::tempdir().unwrap();
         let (private, public) = (dir.path().join("k/signing.key"), dir.path().join("trusted/node-a.pub"));
