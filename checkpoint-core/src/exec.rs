@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,26 +139,25 @@ impl Spawner {
                 })
             })
         });
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(-(child.id() as i32)),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                let _ = child.wait();
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("{:?} did not finish within {timeout:?} and was killed", cmd.get_program()),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_within(&mut child, timeout, cmd.get_program())?;
         let [stdout, stderr] = readers.map(|r| r.and_then(|t| t.join().ok()).unwrap_or_default());
         Ok(Output { status, stdout, stderr })
+    }
+
+    /// Spawns `cmd` (its own process group, dying with this process when hooked) inside a span and
+    /// waits for it, killing its process group once `timeout` has passed (a `TimedOut` error). For
+    /// commands whose stdio the caller set up, such as `runc create` with a container's stdio: the
+    /// command (and so this process's copies of that stdio) is dropped once the child started, or
+    /// pipes the container shares would never see EOF.
+    pub(crate) fn status_within(&self, mut cmd: Command, timeout: Duration) -> std::io::Result<ExitStatus> {
+        tracing::debug!(?cmd, ?timeout, "running");
+        cmd.process_group(0);
+        self.prepare(&mut cmd);
+        let _span = self.span();
+        let mut child = cmd.spawn()?;
+        let program = cmd.get_program().to_os_string();
+        drop(cmd);
+        wait_within(&mut child, timeout, &program)
     }
 
     /// Runs `cmd` to completion inside a span, killing it after `timeout`. Stdout is discarded;
@@ -220,6 +219,27 @@ impl Spawner {
             Ok(s) => Err(Failure { status: s.to_string(), stderr, timed_out }),
             Err(e) => Err(Failure { status: format!("could not be waited for: {e}"), stderr, timed_out }),
         }
+    }
+}
+
+/// Waits for `child` (the leader of its own process group), killing the group once `timeout` has
+/// passed; the error is then `TimedOut`, naming `program` and the timeout.
+fn wait_within(child: &mut Child, timeout: Duration, program: &std::ffi::OsStr) -> std::io::Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{program:?} did not finish within {timeout:?} and was killed"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::criu::stats::{self, DumpStats, RestoreStats};
+use crate::criu::stats;
 use crate::criu::CriuVersion;
 use crate::error::Result;
 
@@ -48,6 +48,18 @@ pub struct CheckpointReport {
     pub criu_version: CriuVersion,
 }
 
+/// CRIU's statistics from `path`, or zeros when it wrote none or they cannot be read: they describe
+/// a dump or restore that succeeded, and are never a reason to fail it.
+fn read_or_default<T: Default>(path: &Path, read: fn(&Path) -> Result<T>) -> T {
+    if !path.exists() {
+        return T::default();
+    }
+    read(path).unwrap_or_else(|e| {
+        tracing::warn!(stats = %path.display(), error = %e, "CRIU's statistics cannot be read; reporting no timings");
+        T::default()
+    })
+}
+
 impl CheckpointReport {
     /// Builds a report from CRIU's statistics file, if it wrote one.
     pub(crate) fn collect(
@@ -57,8 +69,7 @@ impl CheckpointReport {
         total: Duration,
         criu_version: CriuVersion,
     ) -> Result<Self> {
-        let stats_path = work_dir.join(stats::STATS_DUMP_FILE);
-        let s = if stats_path.exists() { stats::read_dump_stats(&stats_path)? } else { DumpStats::default() };
+        let s = read_or_default(&work_dir.join(stats::STATS_DUMP_FILE), stats::read_dump_stats);
         Ok(CheckpointReport {
             image_dir: image_dir.to_path_buf(),
             log,
@@ -104,8 +115,7 @@ pub struct RestoreReport {
 
 impl RestoreReport {
     pub(crate) fn collect(pid: i32, work_dir: &Path, log: PathBuf, total: Duration) -> Result<Self> {
-        let stats_path = work_dir.join(stats::STATS_RESTORE_FILE);
-        let s = if stats_path.exists() { stats::read_restore_stats(&stats_path)? } else { RestoreStats::default() };
+        let s = read_or_default(&work_dir.join(stats::STATS_RESTORE_FILE), stats::read_restore_stats);
         Ok(RestoreReport {
             pid,
             log,

@@ -8,6 +8,7 @@
 //! runc_root = "/run/containerd/runc"   # the containerd namespace is appended
 //! log_level = "info"                   # a tracing filter: "debug", "kybernate_shim=trace", ...
 //! systemd_cgroup = false
+//! runc_timeout = "60s"                 # a runc lifecycle command (create, kill, state, …) that hangs is killed
 //! restore_timeout_secs = 600           # a hung CRIU restore is killed after this long
 //! checkpoint_on_stop = false           # checkpoint every container of this runtime when stopped
 //! checkpoint_dir = "/var/lib/kybernate/checkpoints"  # node checkpoint directory
@@ -81,6 +82,9 @@ pub struct ShimConfig {
     pub log_level: String,
     /// Let runc manage cgroups through systemd.
     pub systemd_cgroup: bool,
+    /// How long a runc lifecycle command (`create`, `start`, `kill`, `state`, `delete`, …) may run
+    /// before it is killed and the request fails naming it.
+    pub runc_timeout: String,
     /// Seconds after which a CRIU restore that has not finished is killed.
     pub restore_timeout_secs: u64,
     /// Checkpoint every container of this runtime handler when it is stopped, unless its
@@ -151,6 +155,7 @@ impl Default for ShimConfig {
             runc_root: PathBuf::from(DEFAULT_RUNC_ROOT),
             log_level: "info".into(),
             systemd_cgroup: false,
+            runc_timeout: "60s".into(),
             restore_timeout_secs: checkpoint_core::DEFAULT_RESTORE_TIMEOUT.as_secs(),
             checkpoint_on_stop: false,
             checkpoint_dir: PathBuf::from(checkpoint_core::bundle::DEFAULT_CHECKPOINT_ROOT),
@@ -215,6 +220,11 @@ impl ShimConfig {
         humantime::parse_duration(&self.pod_checkpoint_window).unwrap_or(DEFAULT_POD_CHECKPOINT_WINDOW)
     }
 
+    /// How long a runc lifecycle command may take (validated when the file was read).
+    pub fn runc_timeout(&self) -> Duration {
+        humantime::parse_duration(&self.runc_timeout).unwrap_or(checkpoint_core::runc::DEFAULT_COMMAND_TIMEOUT)
+    }
+
     /// How long a fetch may take (validated when the file was read).
     pub fn fetch_timeout(&self) -> Duration {
         humantime::parse_duration(&self.fetch_timeout).unwrap_or(DEFAULT_FETCH_TIMEOUT)
@@ -277,6 +287,7 @@ impl ShimConfig {
             ("pod_checkpoint_window", &self.pod_checkpoint_window),
             ("failed_bundle_grace", &self.failed_bundle_grace),
             ("fetch_timeout", &self.fetch_timeout),
+            ("runc_timeout", &self.runc_timeout),
         ] {
             if let Err(e) = humantime::parse_duration(value) {
                 return Err(invalid(format!(
@@ -447,6 +458,7 @@ mod tests {
             "restore_dir = \"rel\"",
             "pod_checkpoint_window = \"later\"",
             "failed_bundle_grace = \"never\"",
+            "runc_timeout = \"forever\"",
             "keep_bundles = 0",
             "restore_roots = [\"relative\"]",
             "tenant_grants = [{ from = \"team-a\", to = \"k8s/b\" }]",

@@ -13,11 +13,13 @@ use crate::reaper::Reaper;
 /// Name of runc's JSON log in the bundle.
 pub const LOG_FILE: &str = "log.json";
 
-/// runc as configured for containers of `namespace`, logging into `bundle`.
+/// runc as configured for containers of `namespace`, logging into `bundle`, each lifecycle command
+/// bounded by `runc_timeout`.
 pub fn runc_for(config: &ShimConfig, namespace: &str, bundle: &Path, reaper: &Arc<Reaper>) -> Runc {
     Runc::new(&config.runc_binary, Some(config.runc_root.join(namespace)))
         .with_log(bundle.join(LOG_FILE))
         .with_systemd_cgroup(config.systemd_cgroup)
+        .with_timeout(config.runc_timeout())
         .with_spawn_hook(Arc::clone(reaper) as Arc<dyn SpawnHook>)
 }
 

@@ -258,14 +258,20 @@ fn stop_checkpoint(
     upperdir: &Path,
     bundle_dir: &Path,
 ) -> checkpoint_core::Result<checkpoint_core::BundleReport> {
+    stop_checkpoint_with(runc, &Criu::from_path(), container, dir, upperdir, bundle_dir)
+}
+
+/// [`stop_checkpoint`] with `criu`.
+fn stop_checkpoint_with(
+    runc: &Runc,
+    criu: &Criu,
+    container: &RuncContainer,
+    dir: &Path,
+    upperdir: &Path,
+    bundle_dir: &Path,
+) -> checkpoint_core::Result<checkpoint_core::BundleReport> {
     let opts = CheckpointOptions { work_dir: Some(dir.join("dump-work")), ..Default::default() };
-    checkpoint_core::checkpoint_container_bundle(
-        runc,
-        &Criu::from_path(),
-        bundle_dir,
-        &stop_request(container, upperdir),
-        &opts,
-    )
+    checkpoint_core::checkpoint_container_bundle(runc, criu, bundle_dir, &stop_request(container, upperdir), &opts)
 }
 
 /// What a stop checkpoint (`leave_running: false`) of `container` into `dir` is told.
@@ -290,6 +296,18 @@ fn stop_request(container: &RuncContainer, upperdir: &Path) -> checkpoint_core::
 
 /// Opens `dir` (a partial bundle when `partial`) and restores it under the container's id and bundle.
 fn restore_bundle(dir: &Path, work: &Path, runc: &Runc, container: &RuncContainer, partial: bool) -> RuncContainer {
+    restore_bundle_with(&Criu::from_path(), dir, work, runc, container, partial)
+}
+
+/// [`restore_bundle`] with `criu`.
+fn restore_bundle_with(
+    criu: &Criu,
+    dir: &Path,
+    work: &Path,
+    runc: &Runc,
+    container: &RuncContainer,
+    partial: bool,
+) -> RuncContainer {
     use checkpoint_core::{open_container_bundle, restore_container_bundle, OpenOptions, RestoreTarget};
     let no_gpu = || Err("no GPU here".to_string());
     let trust = kybernate_tests::keys::trusted();
@@ -301,8 +319,7 @@ fn restore_bundle(dir: &Path, work: &Path, runc: &Runc, container: &RuncContaine
         trust: &trust,
         tenant: None,
     };
-    let criu = Criu::from_path();
-    let opened = open_container_bundle(dir, &criu, &open).unwrap();
+    let opened = open_container_bundle(dir, criu, &open).unwrap();
     let target = RestoreTarget {
         id: container.id.clone(),
         bundle: container.bundle.clone(),
@@ -312,7 +329,7 @@ fn restore_bundle(dir: &Path, work: &Path, runc: &Runc, container: &RuncContaine
         console_socket: None,
         no_pivot: false,
     };
-    let report = restore_container_bundle(runc, &criu, &opened, &target, ChildStdio::default()).unwrap();
+    let report = restore_container_bundle(runc, criu, &opened, &target, ChildStdio::default()).unwrap();
     RuncContainer::adopt(runc.root().unwrap(), &container.id, &container.bundle, report.pid)
 }
 
@@ -436,4 +453,39 @@ fn a_disk_without_room_for_the_memory_is_refused_before_anything_is_frozen() {
     assert!(!dir.path().join("dump-work").join("dump.log").exists(), "CRIU never ran");
     assert_eq!(container.status().as_deref(), Some("running"), "never frozen");
     assert!(bundle_dir.join(checkpoint_core::bundle::FAILED_MARKER).is_file());
+}
+
+/// CRIU's statistics describe a dump or restore that succeeded; a stats file that cannot be read
+/// (here a CRIU wrapper overwrites each one with garbage after CRIU exits) must fail neither: the bundle
+/// seals, the report has no CRIU timings, and the restore runs.
+#[test]
+fn unreadable_criu_statistics_fail_neither_the_checkpoint_nor_the_restore() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-stats");
+    let bin = dir.path().join("criu-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = format!(
+        "#!/bin/sh\n{real} \"$@\"\nrc=$?\nfor f in {dir}/*-work/stats-*; do [ -f \"$f\" ] && printf garbage > \"$f\"; done\nexit $rc\n",
+        real = Criu::from_path().binary().display(),
+        dir = dir.path().display()
+    );
+    std::fs::write(bin.join("criu"), script).unwrap();
+    std::fs::set_permissions(bin.join("criu"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let criu = Criu::new(bin.join("criu"));
+
+    let bundle_dir = dir.path().join("bundle-stats");
+    let upper = dir.path().join("no-upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    let report = stop_checkpoint_with(&runc, &criu, &container, dir.path(), &upper, &bundle_dir).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("dump-work/stats-dump")).unwrap(), b"garbage", "the fault happened");
+    assert_eq!((report.checkpoint.timings.frozen, report.checkpoint.pages_written), (std::time::Duration::ZERO, 0));
+    checkpoint_core::bundle::verify(&bundle_dir).expect("the bundle is sealed");
+    let stopped_at = read_counter(&container.bundle).unwrap();
+    container.delete();
+
+    let restored = restore_bundle_with(&criu, &bundle_dir, &dir.path().join("restore-work"), &runc, &container, false);
+    assert_eq!(std::fs::read(dir.path().join("restore-work/stats-restore")).unwrap(), b"garbage");
+    assert_eq!(restored.status().as_deref(), Some("running"));
+    wait_counter_past(&container.bundle, stopped_at).unwrap();
 }

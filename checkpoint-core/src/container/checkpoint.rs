@@ -2,7 +2,6 @@
 //! container uses a GPU), the writable layer, `config.dump`, `spec.dump`, `stats-dump`, and the
 //! sealed manifest, in the [`BundleLayout`] asked for.
 
-use std::borrow::Cow;
 use std::cell::Cell;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -144,11 +143,18 @@ pub fn checkpoint_container_bundle(
     // the processes running) they are frozen, CRIU leaves them frozen, and they are killed once sealed.
     let frozen = Cell::new(false);
     let image_dir = container.layout.image_dir(dir);
+    // One deadline for everything: the dump gets what the steps before it (GPU locks) left.
+    let deadline = opts.timeout.map(|t| started + t);
     let dump = |dump_opts: &CheckpointOptions| {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|left| left.is_zero()) {
+            return Err(budget_spent(opts, &container.id));
+        }
         if !opts.leave_running {
             frozen.set(freeze(runc, &container.id)?);
         }
-        let dump_opts = CheckpointOptions { leave_running: opts.leave_running || frozen.get(), ..dump_opts.clone() };
+        let dump_opts =
+            CheckpointOptions { leave_running: opts.leave_running || frozen.get(), timeout: left, ..dump_opts.clone() };
         checkpoint_container(runc, criu, &container.id, &image_dir, &dump_opts)
     };
     let thaw = || {
@@ -176,7 +182,6 @@ pub fn checkpoint_container_bundle(
     manifest.checkpoint = Some(report.clone());
     manifest.criu_flags = Some(opts.flags.clone());
     manifest.gpu = gpu;
-    let deadline = opts.timeout.map(|t| started + t);
     match finish_bundle(dir, &image_dir, container, opts, manifest.clone(), deadline) {
         Ok((manifest, rootfs, rootfs_time, seal_time)) => {
             if frozen.get() {
@@ -351,25 +356,21 @@ fn write_metadata(
     layer
 }
 
-/// `opts` with its timeout cut to what is left of it after `started`; an error when nothing is left.
-fn remaining_budget<'a>(opts: &'a CheckpointOptions, started: Instant, id: &str) -> Result<Cow<'a, CheckpointOptions>> {
-    let Some(budget) = opts.timeout else { return Ok(Cow::Borrowed(opts)) };
-    let left = budget.saturating_sub(started.elapsed());
-    if left.is_zero() {
-        return Err(Error::io(
-            format!(
-                "the checkpoint budget of {budget:?} was spent locking and checkpointing the GPU state of container \
-                 {id} before its dump could start; give the checkpoint more time"
-            ),
-            std::io::ErrorKind::TimedOut.into(),
-        ));
-    }
-    Ok(Cow::Owned(CheckpointOptions { timeout: Some(left), ..opts.clone() }))
+/// The error when the checkpoint budget ran out before the dump could start.
+fn budget_spent(opts: &CheckpointOptions, id: &str) -> Error {
+    Error::io(
+        format!(
+            "the checkpoint budget of {:?} was spent before the dump of container {id} could start (locking and \
+             checkpointing its GPU state); give the checkpoint more time",
+            opts.timeout.unwrap_or_default()
+        ),
+        std::io::ErrorKind::TimedOut.into(),
+    )
 }
 
 /// Checkpoints container `id` into `image_dir` with the GPU state of its processes (see
 /// [`crate::gpu`]). Returns the dump's report and the manifest's GPU section, `None` when no process of the
-/// container uses a GPU. The GPU steps and `dump` (which freezes and dumps) share `opts.timeout`.
+/// container uses a GPU. `dump` (which freezes and dumps) gets what the GPU steps left of the budget.
 fn checkpoint_container_gpu(
     ctx: &GpuContext,
     runc: &Runc,
@@ -377,7 +378,6 @@ fn checkpoint_container_gpu(
     opts: &CheckpointOptions,
     dump: &dyn Fn(&CheckpointOptions) -> Result<CheckpointReport>,
 ) -> Result<(CheckpointReport, Option<GpuSection>)> {
-    let started = Instant::now();
     opts.validate()?;
     let discovery = |detail: String| {
         gpu_error(GpuStep::Discovery, detail, "nothing was changed; the container keeps running".into())
@@ -403,8 +403,6 @@ fn checkpoint_container_gpu(
     let gpu_pids = found.pids();
     tracing::info!(id, backend = ctx.backend.name(), ?gpu_pids, "checkpointing GPU state with the container");
     // A container that ends after its checkpoint keeps its GPU state checkpointed (no GPU restore).
-    let report = dump_with_backend(&ctx.backend, &gpu_pids, ctx.lock_timeout, opts.leave_running, || {
-        dump(&*remaining_budget(opts, started, id)?)
-    })?;
+    let report = dump_with_backend(&ctx.backend, &gpu_pids, ctx.lock_timeout, opts.leave_running, || dump(opts))?;
     Ok((report, Some(section)))
 }

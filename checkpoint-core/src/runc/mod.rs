@@ -27,6 +27,10 @@ use crate::error::{Error, Result};
 use crate::exec::{SpawnHook, Spawner};
 use crate::options::CriuFlags;
 
+/// How long a runc lifecycle command (`create`, `state`, `kill`, `delete`, `ps`, …) may run before it
+/// is killed, unless [`Runc::with_timeout`] says otherwise. Checkpoint and restore have their own.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The container states runc reports (`runc state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +65,7 @@ pub struct Runc {
     root: Option<PathBuf>,
     log: Option<PathBuf>,
     systemd_cgroup: bool,
+    timeout: Duration,
     spawner: Spawner,
     version: Arc<OnceLock<Option<String>>>,
 }
@@ -85,6 +90,7 @@ impl Runc {
             root,
             log: None,
             systemd_cgroup: false,
+            timeout: DEFAULT_COMMAND_TIMEOUT,
             spawner: Spawner::default(),
             version: Arc::default(),
         }
@@ -100,6 +106,13 @@ impl Runc {
     /// `SystemdCgroup = true` asks.
     pub fn with_systemd_cgroup(mut self, systemd_cgroup: bool) -> Self {
         self.systemd_cgroup = systemd_cgroup;
+        self
+    }
+
+    /// A lifecycle command still running after `timeout` is killed with its process group, and fails
+    /// naming the command and the timeout (default [`DEFAULT_COMMAND_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 
@@ -177,7 +190,18 @@ impl Runc {
             .clone()
     }
 
-    fn spawn_error(&self, source: std::io::Error) -> Error {
+    /// The error of a command that could not run: runc missing, or killed at the timeout.
+    fn spawn_error(&self, action: &'static str, id: &str, source: std::io::Error) -> Error {
+        if source.kind() == std::io::ErrorKind::TimedOut {
+            return Error::RuncCommand {
+                action,
+                id: id.to_string(),
+                status: format!("did not finish within {:?} and was killed", self.timeout),
+                message: "runc hung; check the node (a stuck cgroup or mount), or raise runc_timeout in the shim \
+                          config"
+                    .into(),
+            };
+        }
         Error::RuncMissing { path: self.binary.clone(), source }
     }
 
@@ -214,7 +238,7 @@ impl Runc {
     fn run_output(&self, mut cmd: Command, action: &'static str, id: &str) -> Result<Vec<u8>> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let offset = self.log_offset();
-        let out = self.spawner.output(&mut cmd).map_err(|e| self.spawn_error(e))?;
+        let out = self.spawner.output_within(&mut cmd, self.timeout).map_err(|e| self.spawn_error(action, id, e))?;
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -224,15 +248,8 @@ impl Runc {
     /// Runs a command whose stdio belongs to a container process: success or runc's logged error.
     fn run_detached(&self, mut cmd: Command, action: &'static str, id: &str, stdio: ChildStdio) -> Result<()> {
         stdio.apply(&mut cmd);
-        self.spawner.prepare(&mut cmd);
         let offset = self.log_offset();
-        let status = {
-            let _span = self.spawner.span();
-            let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
-            // Our copies of the container's stdio must be closed now, or pipes never see EOF.
-            drop(cmd);
-            child.wait().map_err(|e| Error::io(format!("waiting for runc {action} {id}"), e))?
-        };
+        let status = self.spawner.status_within(cmd, self.timeout).map_err(|e| self.spawn_error(action, id, e))?;
         if status.success() {
             return Ok(());
         }
@@ -323,6 +340,45 @@ mod tests {
 
     fn args(cmd: &Command) -> Vec<String> {
         cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn a_hung_lifecycle_command_is_killed_at_its_timeout_and_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let hung = dir.path().join("runc");
+        let pid_file = dir.path().join("sleeper.pid");
+        std::fs::write(&hung, format!("#!/bin/sh\nsleep 600 &\necho $! > {}\nwait\n", pid_file.display())).unwrap();
+        std::fs::set_permissions(&hung, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runc = Runc::new(&hung, None).with_timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let err = runc.state("c1").unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        match err {
+            Error::RuncCommand { action: "state", id, status, message } => {
+                assert_eq!(id, "c1");
+                assert_eq!(status, "did not finish within 300ms and was killed");
+                assert!(message.contains("runc_timeout"), "{message}");
+            }
+            other => panic!("unexpected error {other}"),
+        }
+        // runc's whole process group went with it
+        let sleeper: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let gone = (0..500).any(|_| {
+            let stat = std::fs::read_to_string(format!("/proc/{sleeper}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next()).unwrap_or(None);
+            if matches!(state, None | Some('Z') | Some('X')) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            false
+        });
+        assert!(gone, "the hung runc's child {sleeper} still runs");
+        // a detached command (create) is bounded alike
+        let pid = dir.path().join("init.pid");
+        let opts = SpawnOpts { pid_file: &pid, console_socket: None, no_pivot: false, no_new_keyring: false };
+        let err = runc.create("c2", dir.path(), &opts, ChildStdio::default()).unwrap_err().to_string();
+        assert!(err.contains("runc create of c2") && err.contains("did not finish within 300ms"), "{err}");
     }
 
     #[test]
