@@ -122,6 +122,7 @@ impl Shim for KybernateShim {
                     .with_systemd_cgroup(config.systemd_cgroup)
             }
         };
+        release_interrupted_restore(&runc, &self.id);
         runc.delete(&self.id, true).map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
         crate::mount::unmount_all(&bundle.join("rootfs")).map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
         Ok(DeleteResponse {
@@ -181,4 +182,19 @@ fn serve(namespace: &str, exit: Arc<ExitSignal>, publisher: RemotePublisher) -> 
     }))?;
     let runtime = RuncRuntime { namespace: namespace.to_string(), reaper, events, pod_checkpoints: Arc::default() };
     Ok(TaskService::new(runtime, containers, exit))
+}
+
+/// What a `runc restore` killed with its shim leaves in runc's state directory: the bind mount of the
+/// rootfs it gave CRIU (`criu-root`), which keeps `runc delete` from removing the directory, and so the
+/// container id from being used again. (CRIU itself gives up once runc is gone, with the tasks it
+/// restored so far.)
+fn release_interrupted_restore(runc: &Runc, id: &str) {
+    let Some(criu_root) = runc.root().map(|root| root.join(id).join("criu-root")) else { return };
+    if !criu_root.exists() {
+        return;
+    }
+    tracing::warn!(id, criu_root = %criu_root.display(), "releasing what an interrupted restore left mounted");
+    if let Err(e) = crate::mount::unmount_all(&criu_root) {
+        tracing::warn!(id, error = %e, "unmounting the interrupted restore's criu-root");
+    }
 }

@@ -220,3 +220,60 @@ fn a_sigkill_during_a_checkpoint_on_stop_waits_for_it() {
     bundle::verify(&found[0]).expect("the checkpoint SIGKILL waited for is sealed");
     remove_task(&c, "hurried");
 }
+
+/// Processes in containerd namespace `ns`'s cgroup of container `id` (cgroup v1 or v2 paths).
+fn cgroup_pids(ns: &str, id: &str) -> Vec<i32> {
+    let suffix = format!(":/{ns}/{id}");
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| kybernate_tests::alive(*pid))
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.lines().any(|l| l.ends_with(&suffix)))
+        })
+        .collect()
+}
+
+#[test]
+fn a_shim_killed_mid_restore_leaves_nothing_running_and_the_bundle_restores_again() {
+    let (c, image) = setup_with(CHECKPOINTS);
+    // Memory to restore keeps CRIU busy long enough to kill the shim in the middle.
+    run_big_counter(&c, image, "heavy", 0, 150);
+    assert!(!cgroup_pids(&c.namespace, "heavy").is_empty(), "the cgroup probe sees a running container");
+    let (rm, last) = stop_and_remove(&c, "heavy");
+    assert!(rm.contains("143"), "{rm}");
+    let bundle_dir = bundles(&c).pop().unwrap();
+    let restore = format!("kybernate.io/restore-from={}", bundle_dir.display());
+    let images = bundle_dir.join("checkpoint").display().to_string();
+    let resume = || ctr_run(&c, &["-d", "--annotation", &restore], image, "resumed", &["sh", "-c", COUNTER_SCRIPT]);
+    std::thread::scope(|s| {
+        let run = s.spawn(resume);
+        let restoring = || (!kybernate_tests::pids_with_arg(&images).is_empty()).then_some(());
+        wait_for("runc restore to start", TIMEOUT, restoring).unwrap();
+        let shim = c.shim_pids_for("resumed");
+        assert_eq!(shim.len(), 1, "{shim:?}");
+        kybernate_tests::kill_and_reap(shim[0]);
+        let out = run.join().unwrap().unwrap();
+        assert_eq!(out.code, Some(1), "{out:?}");
+    });
+    // containerd cleans up through `shim delete`: runc and CRIU are gone, no task and no process of the
+    // container runs, runc forgot it (its criu-root mount released), and the bundle is untouched.
+    let runc_state = c.runc_root.join("resumed");
+    let settled = || {
+        let quiet =
+            kybernate_tests::pids_with_arg(&images).is_empty() && cgroup_pids(&c.namespace, "resumed").is_empty();
+        (quiet && c.task_status("resumed").is_none() && !runc_state.exists()).then_some(())
+    };
+    wait_for("the interrupted restore to be cleaned up", TIMEOUT, settled).unwrap_or_else(|e| {
+        panic!("{e}: runc state {:?}\n{}", fs::read_dir(&runc_state).map(|d| d.count()), c.log_tail(30))
+    });
+    bundle::verify(&bundle_dir).unwrap();
+    // The same id restores from the same bundle, and the counter goes on.
+    c.ctr_ok(&["containers", "rm", "resumed"]).unwrap();
+    resume().unwrap().ok("restoring again").unwrap();
+    let first = wait_for("the restored counter", TIMEOUT, || read_counter(&c.bundle("resumed"))).unwrap();
+    assert!(first >= last, "started fresh ({first}) instead of resuming from {last}");
+    counter_past(&c, "resumed", first);
+    remove_task(&c, "resumed");
+}
