@@ -38,6 +38,7 @@ pub struct Containerd {
     /// containerd's log (its stderr, including the shims' logs).
     pub log: PathBuf,
     child: std::process::Child,
+    daemon: Command,
 }
 
 /// What [`Containerd::start_with`] sets up beyond what [`Containerd::start`] does.
@@ -126,23 +127,30 @@ impl Containerd {
         // containerd 1.6 extracts checkpoints for restore into $XDG_RUNTIME_DIR and never removes them.
         let xdg = d.join("xdg");
         fs::create_dir_all(&xdg)?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .env("XDG_RUNTIME_DIR", &xdg)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log)?)
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting containerd")?;
-        let mut me = Containerd { dir, socket, namespace, shim_config, runc_root: PathBuf::new(), log, child };
+        let mut daemon = Command::new("containerd");
+        daemon.arg("--config").arg(&config).env("PATH", path).env("XDG_RUNTIME_DIR", &xdg).stdin(Stdio::null());
+        fs::File::create(&log)?;
+        let child = spawn_logging(&mut daemon, &log)?;
+        let mut me = Containerd { dir, socket, namespace, shim_config, runc_root: PathBuf::new(), log, child, daemon };
         me.runc_root = runc_root.join(&me.namespace);
-        wait_for("containerd to answer", Duration::from_secs(30), || {
-            me.ctr_run(&["version"], Duration::from_secs(10)).ok().filter(|o| o.code == Some(0)).map(drop)
-        })
-        .with_context(|| format!("containerd log:\n{}", me.log_tail(40)))?;
+        me.wait_answering()?;
         Ok(me)
+    }
+
+    /// Stops containerd (SIGTERM, as a service restart does) and starts it again with the same
+    /// config and state; the shims keep running, and containerd reconnects to them.
+    pub fn restart(&mut self) -> Result<()> {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        wait_for("containerd to stop", Duration::from_secs(30), || self.child.try_wait().ok().flatten())?;
+        self.child = spawn_logging(&mut self.daemon, &self.log)?;
+        self.wait_answering()
+    }
+
+    fn wait_answering(&self) -> Result<()> {
+        wait_for("containerd to answer", Duration::from_secs(30), || {
+            self.ctr_run(&["version"], Duration::from_secs(10)).ok().filter(|o| o.code == Some(0)).map(drop)
+        })
+        .with_context(|| format!("containerd log:\n{}", self.log_tail(40)))
     }
 
     /// The last `n` lines of containerd's log, for failure messages.
@@ -317,6 +325,12 @@ impl Drop for Containerd {
             remove_cgroup_tree(&dir.join(&self.namespace));
         }
     }
+}
+
+/// Starts `cmd` with stdout and stderr appended to `log`.
+fn spawn_logging(cmd: &mut Command, log: &Path) -> Result<std::process::Child> {
+    let open = || fs::OpenOptions::new().append(true).open(log);
+    cmd.stdout(open()?).stderr(open()?).spawn().context("starting containerd")
 }
 
 /// Removes an empty cgroup and its empty children (rmdir, deepest first); busy ones are left alone.

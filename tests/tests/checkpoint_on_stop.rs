@@ -277,3 +277,29 @@ fn a_shim_killed_mid_restore_leaves_nothing_running_and_the_bundle_restores_agai
     counter_past(&c, "resumed", first);
     remove_task(&c, "resumed");
 }
+
+#[test]
+fn a_containerd_restart_leaves_the_shim_serving_and_the_container_checkpoints_on_stop() {
+    let (mut c, image) = setup_with(CHECKPOINTS);
+    run_counter(&c, image, "survivor", &["--annotation", OPT_IN], COUNTER_SCRIPT);
+    let shim = c.shim_pids_for("survivor");
+    assert_eq!(shim.len(), 1, "{shim:?}");
+    c.restart().unwrap();
+    assert_eq!(c.task_status("survivor").as_deref(), Some("RUNNING"));
+    assert_eq!(c.shim_pids_for("survivor"), shim, "the same shim serves the task");
+    let seen = read_counter(&c.bundle("survivor")).unwrap();
+    counter_past(&c, "survivor", seen);
+    // The restarted containerd reaches the shim for an exec, and its exit code comes back.
+    let exec = c.ctr_run(&["tasks", "exec", "--exec-id", "after", "survivor", "sh", "-c", "exit 5"], TIMEOUT).unwrap();
+    assert_eq!(exec.code, Some(5), "{exec:?}");
+    // A stop still checkpoints: the container exits as on SIGTERM and its bundle is sealed.
+    c.ctr_ok(&["tasks", "kill", "survivor"]).unwrap();
+    c.wait_task_status("survivor", "STOPPED", TIMEOUT).unwrap();
+    assert_eq!(exit_status(&c, "survivor"), 143);
+    let last = read_counter(&c.bundle("survivor")).unwrap();
+    remove_task(&c, "survivor");
+    let found = bundles(&c);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(bundle::verify(&found[0]).unwrap().container.id, "survivor");
+    assert!(last > seen, "the container counted on after the restart: {seen} -> {last}");
+}
