@@ -767,6 +767,28 @@ mod tests {
     }
 
     #[test]
+    fn a_seal_past_its_deadline_stops_hashing_and_marks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(CHECKPOINT_DIR)).unwrap();
+        fs::write(dir.path().join(CHECKPOINT_DIR).join("pages-1.img"), vec![1u8; 3 << 20]).unwrap();
+        let how = Seal { deadline: Some(Instant::now()), ..Seal::default() };
+        let err = seal_with(dir.path(), Manifest::new(HostInfo::default(), ContainerIdentity::default()), &how)
+            .unwrap_err();
+        match &err {
+            Error::Io { context, source } => {
+                assert!(context.contains("the checkpoint budget ran out while") && context.contains("pages-1.img"));
+                assert_eq!(source.kind(), std::io::ErrorKind::TimedOut);
+            }
+            other => panic!("unexpected {other}"),
+        }
+        for marker in [COMPLETE_MARKER, MANIFEST_FILE, FAILED_MARKER, PARTIAL_MARKER] {
+            assert!(!dir.path().join(marker).exists(), "{marker} was written");
+        }
+        // the caller (checkpoint_container_bundle) then marks it PARTIAL, keeping the images
+        assert!(dir.path().join(CHECKPOINT_DIR).join("pages-1.img").exists());
+    }
+
+    #[test]
     fn unsealed_and_failed_bundles_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(SPEC_DUMP), b"{}").unwrap();

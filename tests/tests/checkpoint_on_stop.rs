@@ -151,6 +151,31 @@ fn without_criu_a_stop_fails_its_checkpoint_clearly_and_the_container_stops_on_i
     remove_task(&c, "nocriu");
 }
 
+#[test]
+fn with_a_criu_too_old_a_stop_fails_its_checkpoint_clearly_and_the_container_stops_on_its_signal() {
+    // Debian bookworm's CRIU 3.17, as far as its version goes; it must never be asked to dump.
+    let old = tempfile::tempdir().unwrap();
+    let criu = old.path().join("criu");
+    let dumped = old.path().join("dump-was-called");
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = --version ] && {{ echo 'Version: 3.17'; exit 0; }}\ntouch {}\nexit 1\n",
+        dumped.display()
+    );
+    fs::write(&criu, script).unwrap();
+    fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (c, image) = setup_with(&format!("{CHECKPOINTS}criu_binary = {:?}\n", criu.display().to_string()));
+    run_counter(&c, image, "oldcriu", &["--annotation", OPT_IN], TRAPPING_COUNTER);
+    c.ctr_ok(&["tasks", "kill", "oldcriu"]).unwrap();
+    c.wait_task_status("oldcriu", "STOPPED", TIMEOUT).unwrap();
+    assert_eq!(exit_status(&c, "oldcriu"), 7, "SIGTERM reached the container and its trap ran");
+    let found = bundles(&c);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let reason = fs::read_to_string(found[0].join(FAILED_MARKER)).unwrap();
+    assert!(reason.contains("CRIU 3.17") && reason.contains("is too old") && reason.contains(">= 4.0.0"), "{reason}");
+    assert!(!dumped.exists(), "an old CRIU was asked for more than its version");
+    remove_task(&c, "oldcriu");
+}
+
 /// Runs an opted-in counter `id` that first writes `mib` MiB into its writable layer and holds
 /// `memory_mb` MB in a shell variable, so that its checkpoint (the layer, and the dump) takes a while.
 fn run_big_counter(c: &Containerd, image: &str, id: &str, mib: u32, memory_mb: u32) {
