@@ -246,20 +246,6 @@ fn a_sigkill_during_a_checkpoint_on_stop_waits_for_it() {
     remove_task(&c, "hurried");
 }
 
-/// Processes in containerd namespace `ns`'s cgroup of container `id` (cgroup v1 or v2 paths).
-fn cgroup_pids(ns: &str, id: &str) -> Vec<i32> {
-    let suffix = format!(":/{ns}/{id}");
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| kybernate_tests::alive(*pid))
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.lines().any(|l| l.ends_with(&suffix)))
-        })
-        .collect()
-}
-
 #[test]
 fn a_shim_killed_mid_restore_leaves_nothing_running_and_the_bundle_restores_again() {
     let (c, image) = setup_with(CHECKPOINTS);

@@ -39,8 +39,8 @@ fn container_is_checkpointed_and_restored_with_its_state() {
     assert!(matches!(container.status().as_deref(), None | Some("stopped")), "{:?}", container.status());
     let stopped_at = read_counter(&container.bundle).unwrap();
     container.delete();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(read_counter(&container.bundle), Some(stopped_at), "nothing runs between checkpoint and restore");
+    assert!(!kybernate_tests::alive(container.pid), "nothing runs between checkpoint and restore");
+    assert_eq!(read_counter(&container.bundle), Some(stopped_at));
 
     let req = ContainerRestore {
         id: "ck-restore".into(),

@@ -10,7 +10,6 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::*;
@@ -78,7 +77,14 @@ fn task_lifecycle_exec_pause_update_kill_delete() {
     c.ctr_ok(&["tasks", "pause", "life"]).unwrap();
     assert_eq!(c.task_status("life").as_deref(), Some("PAUSED"));
     let frozen = read_counter(&c.bundle("life")).unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    // frozen by the kernel: the container's cgroup says so (cgroup v1 freezer, or v2's cgroup.events)
+    let v1 = format!("/sys/fs/cgroup/freezer/{}/life/freezer.state", c.namespace);
+    let v2 = format!("/sys/fs/cgroup/{}/life/cgroup.events", c.namespace);
+    let frozen_state = fs::read_to_string(&v1)
+        .map(|s| s.trim() == "FROZEN")
+        .or_else(|_| fs::read_to_string(&v2).map(|s| s.lines().any(|l| l == "frozen 1")))
+        .unwrap();
+    assert!(frozen_state, "the paused task's cgroup is not frozen");
     assert_eq!(read_counter(&c.bundle("life")), Some(frozen), "a paused task must not run");
     c.ctr_ok(&["tasks", "resume", "life"]).unwrap();
     assert_eq!(c.task_status("life").as_deref(), Some("RUNNING"));
@@ -222,8 +228,8 @@ fn checkpoint_with_exit_stops_the_task() {
     // (raw contents: the shell may have been frozen between truncating the file and writing it)
     let counter = c.bundle("ex").join("rootfs/state/counter");
     let stopped_at = fs::read_to_string(&counter).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(fs::read_to_string(&counter).unwrap(), stopped_at, "nothing may run after a checkpoint with exit");
+    assert_eq!(cgroup_pids(&c.namespace, "ex"), Vec::<i32>::new(), "nothing may run after a checkpoint with exit");
+    assert_eq!(fs::read_to_string(&counter).unwrap(), stopped_at);
     let manifest = checkpoint_core::bundle::verify(&images).unwrap();
     assert_eq!(manifest.container.id, "ex");
     assert!(manifest.checkpoint.is_some());

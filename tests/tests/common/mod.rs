@@ -232,3 +232,17 @@ pub fn checkpointed_bundle(c: &Containerd, image: &str, id: &str) -> (PathBuf, u
     assert_eq!(found.len(), 1, "one bundle for {id}: {found:?}");
     (found[0].clone(), last)
 }
+
+/// Processes in containerd namespace `ns`'s cgroup of container `id` (cgroup v1 or v2 paths).
+pub fn cgroup_pids(ns: &str, id: &str) -> Vec<i32> {
+    let suffix = format!(":/{ns}/{id}");
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| kybernate_tests::alive(*pid))
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.lines().any(|l| l.ends_with(&suffix)))
+        })
+        .collect()
+}
