@@ -25,9 +25,13 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	python3 scripts/module-cycles.py checkpoint-core/src shim/src sidecar/src device-plugin/src tests/src
 
-## test: lint, then every unit and end-to-end test against real CRIU, runc and containerd
+## test: lint, then every unit and end-to-end test against real CRIU, runc and containerd (the system's
+## 1.6, then the containerd tests again against containerd 1.7 from `make deps`)
+CONTAINERD_TESTS := --test shim_lifecycle --test checkpoint_on_stop --test restore_security --test cri_flow
 test: deps lint
 	bash scripts/cargo-test.sh --workspace --no-fail-fast
+	KYBERNATE_TEST_CONTAINERD_BIN=/opt/kybernate/containerd-1.7/usr/bin \
+	  bash scripts/cargo-test.sh -p kybernate-tests --no-fail-fast $(CONTAINERD_TESTS)
 
 ## bench: speed and memory against the stock runc shim, raw CRIU and tar, as ratios in one run
 bench: deps

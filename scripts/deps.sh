@@ -72,6 +72,33 @@ else
   die "criu check failed on this kernel (output above); CRIU cannot checkpoint here"
 fi
 
+# containerd 1.7 as the second tested version, beside the system's 1.6: Debian trixie's package
+# unpacked into a private directory (it needs libc6 >= 2.34, which bookworm has); nothing of the
+# system's containerd is replaced. `make test` runs the containerd tests against it too.
+CONTAINERD17_DIR=/opt/kybernate/containerd-1.7
+if "$CONTAINERD17_DIR/usr/bin/containerd" --version 2>/dev/null | grep -q ' 1\.7\.'; then
+  say "containerd 1.7: present in $CONTAINERD17_DIR"
+else
+  say "containerd 1.7: fetching Debian trixie's package into $CONTAINERD17_DIR"
+  cat > /etc/apt/sources.list.d/kybernate-trixie.sources <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+  # trixie's packages are never chosen over bookworm's unless asked for by name
+  printf 'Package: *\nPin: release n=trixie\nPin-Priority: 100\n' > /etc/apt/preferences.d/kybernate-trixie
+  apt-get update -qq
+  dl=$(mktemp -d)
+  (cd "$dl" && apt-get download -qq containerd/trixie >/dev/null 2>&1) || die "could not download containerd from trixie"
+  rm -rf "$CONTAINERD17_DIR" && mkdir -p "$CONTAINERD17_DIR"
+  dpkg -x "$dl"/containerd_*.deb "$CONTAINERD17_DIR"
+  rm -rf "$dl"
+  "$CONTAINERD17_DIR/usr/bin/containerd" --version >/dev/null || die "containerd 1.7 from trixie does not run here"
+  say "containerd 1.7: $("$CONTAINERD17_DIR/usr/bin/containerd" --version)"
+fi
+
 # The node's signing key (docs/security.md): the shim signs every bundle it seals with it and restores
 # only bundles signed by it or by a key in the trusted directory. Never replaced once it exists.
 KEYS=/etc/kybernate/keys

@@ -16,6 +16,18 @@ use crate::images::busybox_oci_image;
 use crate::process::{become_subreaper, kill_and_reap, pids_with_arg, wait_for};
 use crate::tools::{find_criu, require_tools, run_with_timeout, CmdOutput, KYBERNATE_SHIM};
 
+/// The environment variable naming the directory of the `containerd` and `ctr` binaries the tests
+/// run (`make test` sets it to `make deps`' containerd 1.7 for a second pass); unset: `PATH`'s.
+pub const CONTAINERD_BIN_ENV: &str = "KYBERNATE_TEST_CONTAINERD_BIN";
+
+/// `containerd` or `ctr` (`tool`) of the containerd under test (see [`CONTAINERD_BIN_ENV`]).
+pub fn containerd_tool(tool: &str) -> PathBuf {
+    match std::env::var_os(CONTAINERD_BIN_ENV) {
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join(tool),
+        _ => PathBuf::from(tool),
+    }
+}
+
 /// The runtime type of Kybernate's shim.
 pub const KYBERNATE_RUNTIME: &str = "io.containerd.kybernate.v1";
 /// Name under which [`Containerd::import_busybox`] imports the test image.
@@ -62,7 +74,8 @@ impl Containerd {
 
     /// Like [`Containerd::start`], in `dir` (the options may name paths in it), with `options`.
     pub fn start_with(dir: tempfile::TempDir, shim: &Path, options: &ContainerdOptions) -> Result<Self> {
-        require_tools(&["containerd", "ctr", "runc"])?;
+        let (containerd, ctr) = (containerd_tool("containerd"), containerd_tool("ctr"));
+        require_tools(&[&containerd.to_string_lossy(), &ctr.to_string_lossy(), "runc"])?;
         let criu = find_criu()?;
         become_subreaper();
         start_shim_reaper();
@@ -127,7 +140,7 @@ impl Containerd {
         // containerd 1.6 extracts checkpoints for restore into $XDG_RUNTIME_DIR and never removes them.
         let xdg = d.join("xdg");
         fs::create_dir_all(&xdg)?;
-        let mut daemon = Command::new("containerd");
+        let mut daemon = Command::new(&containerd);
         daemon.arg("--config").arg(&config).env("PATH", path).env("XDG_RUNTIME_DIR", &xdg).stdin(Stdio::null());
         fs::File::create(&log)?;
         let child = spawn_logging(&mut daemon, &log)?;
@@ -170,7 +183,7 @@ impl Containerd {
 
     /// A `ctr` command for this containerd and namespace.
     pub fn ctr(&self) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(containerd_tool("ctr"));
         cmd.arg("--address").arg(&self.socket).arg("--namespace").arg(&self.namespace);
         cmd
     }

@@ -20,7 +20,9 @@ pub mod runc;
 pub mod s3;
 pub mod tools;
 
-pub use containerd::{Containerd, ContainerdOptions, BUSYBOX_IMAGE, KYBERNATE_RUNTIME};
+pub use containerd::{
+    containerd_tool, Containerd, ContainerdOptions, BUSYBOX_IMAGE, CONTAINERD_BIN_ENV, KYBERNATE_RUNTIME,
+};
 pub use images::{
     busybox_bundle, busybox_oci_image, busybox_oci_image_running, read_counter, wait_counter_past, BUSYBOX,
     COUNTER_SCRIPT,

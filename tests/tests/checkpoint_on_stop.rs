@@ -66,20 +66,49 @@ fn containers_that_did_not_opt_in_stop_unchanged() {
     assert!(bundles(&c).is_empty(), "no bundle without opt-in: {:?}", bundles(&c));
 }
 
-#[test]
-fn a_checkpoint_over_budget_is_abandoned_and_the_container_stops_normally() {
-    let (c, image) = setup_with(&format!("{CHECKPOINTS}checkpoint_budget = \"1ms\"\n"));
-    run_counter(&c, image, "slow", &["--annotation", OPT_IN], TRAPPING_COUNTER);
-    let (rm, _) = stop_and_remove(&c, "slow");
-    // The container was thawed and got SIGTERM: its trap ran.
-    assert!(rm.contains('7'), "the container did not stop on its own SIGTERM handler: {rm}");
-    let found = bundles(&c);
+/// Stops the opted-in trapping counter `id` and checks that its checkpoint was abandoned: the
+/// container was thawed and its own SIGTERM trap ran (exit 7), and its bundle keeps only `FAILED`;
+/// returns the reason recorded there.
+fn abandoned_checkpoint(c: &Containerd, image: &str, id: &str) -> String {
+    run_counter(c, image, id, &["--annotation", OPT_IN], TRAPPING_COUNTER);
+    c.ctr_ok(&["tasks", "kill", id]).unwrap();
+    c.wait_task_status(id, "STOPPED", TIMEOUT).unwrap();
+    assert_eq!(exit_status(c, id), 7, "the container did not stop on its own SIGTERM handler");
+    remove_task(c, id);
+    let found = bundles(c);
     assert_eq!(found.len(), 1, "{found:?}");
-    assert!(found[0].join(FAILED_MARKER).exists() && !found[0].join(COMPLETE_MARKER).exists());
-    let reason = fs::read_to_string(found[0].join(FAILED_MARKER)).unwrap();
-    assert!(reason.contains("did not finish within"), "{reason}");
     let left: Vec<_> = fs::read_dir(&found[0]).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(left.len(), 1, "an abandoned bundle keeps only its FAILED marker: {left:?}");
+    assert_eq!(left, [FAILED_MARKER], "an abandoned bundle keeps only its FAILED marker");
+    fs::read_to_string(found[0].join(FAILED_MARKER)).unwrap()
+}
+
+#[test]
+fn a_checkpoint_over_budget_during_the_dump_is_abandoned_and_the_container_stops_normally() {
+    // A CRIU that takes its time to start dumping (it sleeps before it runs): the budget runs out
+    // while runc checkpoint waits for it, and runc and CRIU are killed with their process group.
+    let slow = tempfile::tempdir().unwrap();
+    let criu = slow.path().join("criu");
+    let real = kybernate_tests::find_criu().unwrap();
+    let script = format!("#!/bin/sh\n[ \"$1\" = swrk ] && sleep 30\nexec {} \"$@\"\n", real.display());
+    fs::write(&criu, script).unwrap();
+    fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = format!("{CHECKPOINTS}checkpoint_budget = \"2s\"\ncriu_binary = {:?}\n", criu.display().to_string());
+    let (c, image) = setup_with(&config);
+    let started = Instant::now();
+    let reason = abandoned_checkpoint(&c, image, "slow");
+    assert!(reason.contains("runc checkpoint of container slow failed (did not finish within"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(25), "the budget did not bound the dump: {:?}", started.elapsed());
+}
+
+#[test]
+fn a_budget_spent_before_the_dump_abandons_the_checkpoint_and_the_container_stops_normally() {
+    let (c, image) = setup_with(&format!("{CHECKPOINTS}checkpoint_budget = \"1ms\"\n"));
+    let reason = abandoned_checkpoint(&c, image, "late");
+    assert_eq!(
+        reason.trim(),
+        "the checkpoint budget of 1ms was spent before the dump of container late could start; give the checkpoint \
+         more time: timed out"
+    );
 }
 
 #[test]

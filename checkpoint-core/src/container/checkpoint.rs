@@ -360,8 +360,8 @@ fn write_metadata(
 fn budget_spent(opts: &CheckpointOptions, id: &str) -> Error {
     Error::io(
         format!(
-            "the checkpoint budget of {:?} was spent before the dump of container {id} could start (locking and \
-             checkpointing its GPU state); give the checkpoint more time",
+            "the checkpoint budget of {:?} was spent before the dump of container {id} could start; give the \
+             checkpoint more time",
             opts.timeout.unwrap_or_default()
         ),
         std::io::ErrorKind::TimedOut.into(),
