@@ -125,6 +125,9 @@ pub struct ContainerIdentity {
     pub id: String,
     /// Image reference the container was created from.
     pub image: Option<String>,
+    /// When the container was first created (RFC 3339): kept across restores, for `config.dump`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// The node the checkpoint was taken on, for compatibility checks at restore.
@@ -772,8 +775,8 @@ mod tests {
         fs::create_dir_all(dir.path().join(CHECKPOINT_DIR)).unwrap();
         fs::write(dir.path().join(CHECKPOINT_DIR).join("pages-1.img"), vec![1u8; 3 << 20]).unwrap();
         let how = Seal { deadline: Some(Instant::now()), ..Seal::default() };
-        let err = seal_with(dir.path(), Manifest::new(HostInfo::default(), ContainerIdentity::default()), &how)
-            .unwrap_err();
+        let err =
+            seal_with(dir.path(), Manifest::new(HostInfo::default(), ContainerIdentity::default()), &how).unwrap_err();
         match &err {
             Error::Io { context, source } => {
                 assert!(context.contains("the checkpoint budget ran out while") && context.contains("pages-1.img"));

@@ -90,6 +90,7 @@ fn request(container: &RuncContainer, gpu: Arc<GpuContext>) -> ContainerCheckpoi
         layout: BundleLayout::Archive,
         durability: Durability::Synced,
         signer: Some(kybernate_tests::keys::node_key()),
+        restored_at: None,
     }
 }
 

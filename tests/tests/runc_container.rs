@@ -206,6 +206,7 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
         layout: BundleLayout::Archive,
         durability: Durability::Synced,
         signer: Some(kybernate_tests::keys::node_key()),
+        restored_at: None,
     };
     let opts = CheckpointOptions { work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
     checkpoint_container_bundle(&runc, &criu, &bundle_dir, &request, &opts).unwrap();
@@ -291,6 +292,7 @@ fn stop_request(container: &RuncContainer, upperdir: &Path) -> checkpoint_core::
         layout: checkpoint_core::bundle::BundleLayout::Archive,
         durability: checkpoint_core::bundle::Durability::Synced,
         signer: Some(kybernate_tests::keys::node_key()),
+        restored_at: None,
     }
 }
 

@@ -25,22 +25,46 @@ use crate::rootfs::{self, RootfsDiffStats};
 use crate::runc::{checkpoint_container, ContainerStatus, Runc};
 use crate::trust::SigningKey;
 
-/// `config.dump`: the container's identity with the field names Podman, CRI-O and checkpointctl use.
+/// `config.dump`: the container's identity with the field names of checkpointctl's
+/// `metadata.ContainerConfig` (`lib/metadata.go`, which CRI-O and containerd 2.x write, and a reduced
+/// copy of Podman's), so `checkpointctl show` and `inspect` print real values.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigDump {
     /// Container id.
     pub id: String,
     /// Container name.
     pub name: String,
+    /// The image the user asked for.
+    #[serde(rename = "rootfsImage", default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_image: Option<String>,
+    /// The image's id or digest, when known.
+    #[serde(rename = "rootfsImageRef", default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_image_ref: Option<String>,
     /// Image the rootfs came from.
     #[serde(rename = "rootfsImageName", default, skip_serializing_if = "Option::is_none")]
     pub rootfs_image_name: Option<String>,
     /// The runtime that ran the container.
     #[serde(rename = "runtime")]
     pub oci_runtime: String,
+    /// When the container was created (RFC 3339; Go's zero time when unknown).
+    #[serde(rename = "createdTime", default = "zero_time")]
+    pub created_time: String,
     /// When the checkpoint was taken (RFC 3339).
     #[serde(rename = "checkpointedTime")]
     pub checkpointed_time: String,
+    /// When the container was itself restored from a checkpoint (Go's zero time if it was not).
+    #[serde(rename = "restoredTime", default = "zero_time")]
+    pub restored_time: String,
+    /// Whether the container was itself restored from a checkpoint.
+    #[serde(default)]
+    pub restored: bool,
+}
+
+/// Go's zero `time.Time` as its JSON encoder writes it: what checkpointctl reads as "not set".
+pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+fn zero_time() -> String {
+    ZERO_TIME.to_string()
 }
 
 /// A container to checkpoint into a bundle.
@@ -72,6 +96,8 @@ pub struct ContainerCheckpoint {
     /// The node key that signs the manifest (see [`crate::trust`]); `None` writes an unsigned bundle,
     /// which nodes restore only with `allow_unsigned`.
     pub signer: Option<Arc<SigningKey>>,
+    /// When the container was itself restored from a checkpoint, for `config.dump`.
+    pub restored_at: Option<SystemTime>,
 }
 
 /// How a bundle checkpoint went.
@@ -335,13 +361,18 @@ fn write_metadata(
     }
     fs::copy(&container.spec, dir.join(SPEC_DUMP))
         .map_err(|e| Error::io(format!("copying the container spec {}", container.spec.display()), e))?;
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let rfc3339 = |t: SystemTime| humantime::format_rfc3339_millis(t).to_string();
     let config = ConfigDump {
         id: container.identity.id.clone(),
         name: container.identity.name.clone(),
+        rootfs_image: container.identity.image.clone(),
+        rootfs_image_ref: None,
         rootfs_image_name: container.identity.image.clone(),
         oci_runtime: container.runtime.clone(),
-        checkpointed_time: now,
+        created_time: container.identity.created.clone().unwrap_or_else(zero_time),
+        checkpointed_time: rfc3339(SystemTime::now()),
+        restored_time: container.restored_at.map(rfc3339).unwrap_or_else(zero_time),
+        restored: container.restored_at.is_some(),
     };
     fs::write(dir.join(CONFIG_DUMP), serde_json::to_vec_pretty(&config).expect("config.dump serializes"))
         .map_err(|e| Error::io(format!("writing {}", dir.join(CONFIG_DUMP).display()), e))?;
@@ -405,4 +436,61 @@ fn checkpoint_container_gpu(
     // A container that ends after its checkpoint keeps its GPU state checkpointed (no GPU restore).
     let report = dump_with_backend(&ctx.backend, &gpu_pids, ctx.lock_timeout, opts.leave_running, || dump(opts))?;
     Ok((report, Some(section)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON names of checkpointctl's `metadata.ContainerConfig`, as read from
+    /// github.com/checkpoint-restore/checkpointctl `lib/metadata.go` at 9192f118 (v1.5.0+57), which
+    /// containerd 2.x's CRI and CRI-O write into `config.dump`.
+    const CHECKPOINTCTL_CONTAINER_CONFIG: [&str; 10] = [
+        "id",
+        "name",
+        "rootfsImage",
+        "rootfsImageRef",
+        "rootfsImageName",
+        "runtime",
+        "createdTime",
+        "checkpointedTime",
+        "restoredTime",
+        "restored",
+    ];
+
+    #[test]
+    fn config_dump_has_checkpointctls_field_names_and_go_time_values() {
+        let full = ConfigDump {
+            id: "3f2a".into(),
+            name: "trainer".into(),
+            rootfs_image: Some("docker.io/library/python:3".into()),
+            rootfs_image_ref: Some("sha256:abc".into()),
+            rootfs_image_name: Some("docker.io/library/python:3".into()),
+            oci_runtime: "io.containerd.kybernate.v1".into(),
+            created_time: "2026-12-01T10:00:00.000Z".into(),
+            checkpointed_time: "2026-12-01T11:00:00.000Z".into(),
+            restored_time: ZERO_TIME.into(),
+            restored: false,
+        };
+        let json: serde_json::Value = serde_json::to_value(&full).unwrap();
+        let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut expected = CHECKPOINTCTL_CONTAINER_CONFIG;
+        expected.sort_unstable();
+        assert_eq!(keys, expected);
+        // Go parses RFC 3339 with fractional seconds; its zero time means "not restored"
+        for key in ["createdTime", "checkpointedTime"] {
+            let value = json[key].as_str().unwrap();
+            humantime::parse_rfc3339(value).unwrap_or_else(|e| panic!("{key} {value}: {e}"));
+        }
+        assert_eq!(json["restoredTime"], ZERO_TIME);
+        // what Go's omitempty leaves out, we leave out; a config.dump of checkpointctl's reads back
+        let sparse = ConfigDump { rootfs_image: None, rootfs_image_ref: None, rootfs_image_name: None, ..full };
+        let keys = serde_json::to_value(&sparse).unwrap().as_object().unwrap().len();
+        assert_eq!(keys, 7);
+        let from_go = r#"{"id":"x","name":"y","runtime":"runc","createdTime":"2026-12-01T10:00:00Z",
+            "checkpointedTime":"2026-12-01T11:00:00Z","restoredTime":"0001-01-01T00:00:00Z","restored":false}"#;
+        let read: ConfigDump = serde_json::from_str(from_go).unwrap();
+        assert_eq!((read.id.as_str(), read.restored_time.as_str()), ("x", ZERO_TIME));
+    }
 }

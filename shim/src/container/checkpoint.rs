@@ -42,6 +42,7 @@ impl Container {
             // containerd tars the image into its content store next; that copy is the durable one.
             durability: Durability::Unsynced,
             signer: Some(signer),
+            restored_at: self.restored_at,
         };
         let report = checkpoint_container_bundle(&self.runc, &self.criu, &req.image_dir, &container, &opts)?;
         self.events.send(TaskEvent::Checkpointed {

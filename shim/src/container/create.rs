@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use checkpoint_core::{Criu, RestorableBundle, Runc, SpawnOpts};
 use containerd_shim::util::{read_pid_from_file, write_options};
@@ -166,6 +166,11 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateRequest, prepared: Prepared) 
     init.io = Some(Arc::clone(&io));
 
     let fresh = restore.is_none();
+    let now = SystemTime::now();
+    let created = restore
+        .as_ref()
+        .and_then(|b| b.manifest.as_ref()?.container.created.clone())
+        .unwrap_or_else(|| humantime::format_rfc3339_millis(now).to_string());
     let fetched = restore.as_ref().map(|b| b.dir.clone()).filter(|dir| dir.starts_with(&config.restore_dir));
     let container = Container {
         id: req.id.clone(),
@@ -185,6 +190,8 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateRequest, prepared: Prepared) 
         restore: Mutex::new(restore.map(Arc::new)),
         fetched,
         stop_status: Mutex::new(None),
+        created,
+        restored_at: (!fresh).then_some(now),
         lifecycle: Lifecycle::new(init),
     };
 

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use checkpoint_core::bundle::ContainerIdentity;
 use checkpoint_core::gpu::GpuContext;
@@ -103,6 +104,11 @@ pub struct Container {
     /// The exit status to report for init when it was checkpointed on stop (CRIU ends it with
     /// SIGKILL; containerd is told it stopped on the stop signal it sent).
     pub stop_status: Mutex<Option<u32>>,
+    /// When the container was first created (RFC 3339): now, or for a restored container the time
+    /// its bundle records.
+    pub created: String,
+    /// When this container was restored from a bundle, if it was.
+    pub restored_at: Option<SystemTime>,
     /// The locks and process table; see the module docs.
     pub lifecycle: Lifecycle,
 }
@@ -168,6 +174,7 @@ impl Container {
             name: self.spec.annotation(CONTAINER_NAME).unwrap_or(&self.id).to_string(),
             id: self.id.clone(),
             image: self.spec.annotation(IMAGE_NAME).map(str::to_string),
+            created: Some(self.created.clone()),
         }
     }
 

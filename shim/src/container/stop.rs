@@ -97,6 +97,7 @@ impl Container {
                 layout: BundleLayout::Archive,
                 durability: Durability::Synced,
                 signer: Some(signer),
+                restored_at: self.restored_at,
             };
             checkpoint_container_bundle(&self.runc, &self.criu, &dir, &container, &opts)
         };
