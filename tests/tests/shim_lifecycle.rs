@@ -392,3 +392,51 @@ fn restored_task_keeps_writing_to_its_stdout() {
     assert_eq!(restored[1], restored[0] + 1);
     remove_task(&c, "talk2");
 }
+
+/// containerd 2.x's CRI CheckpointContainer (kubelet's checkpoint API), as its code sends it to a
+/// non-runc runtime (containerd v2.1–v2.3 `internal/cri/server/container_checkpoint_linux.go`,
+/// `client/task.go`, `core/runtime/v2/shim.go`): Pause, then a task Checkpoint with the request path
+/// a fresh temporary directory and no options at all (runc's options are only set for
+/// io.containerd.runc.v2), then Resume. containerd then unpacks that directory's files flat into the
+/// archive's `checkpoint/`, so it must hold regular files only, CRIU's images among them.
+#[test]
+fn a_containerd_2_cri_checkpoint_request_is_served_and_the_task_runs_on() {
+    let (c, image) = setup();
+    start_counter(&c, image, "kubelet-ck", 3);
+    let shim = shim_client(&c, "kubelet-ck");
+    let id = || containerd_shim_protos::shim::shim::PauseRequest { id: "kubelet-ck".into(), ..Default::default() };
+    shim.pause(ttrpc_timeout(), &id()).unwrap();
+    let path = c.dir.path().join("ctrd-checkpoint1234");
+    fs::create_dir(&path).unwrap();
+    let request = containerd_shim_protos::shim::shim::CheckpointTaskRequest {
+        id: "kubelet-ck".into(),
+        path: path.display().to_string(),
+        ..Default::default()
+    };
+    shim.checkpoint(ttrpc_timeout(), &request).unwrap();
+    let resume = containerd_shim_protos::shim::shim::ResumeRequest { id: "kubelet-ck".into(), ..Default::default() };
+    shim.resume(ttrpc_timeout(), &resume).unwrap();
+    assert_eq!(c.task_status("kubelet-ck").as_deref(), Some("RUNNING"), "CRI checkpoints leave the task running");
+    let seen = read_counter(&c.bundle("kubelet-ck")).unwrap();
+    counter_past(&c, "kubelet-ck", seen + 2);
+
+    let entries: Vec<(String, bool)> = fs::read_dir(&path)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.file_type().unwrap().is_file()))
+        .collect();
+    assert!(entries.iter().all(|(_, file)| *file), "containerd's flat unpacker needs regular files only: {entries:?}");
+    for name in ["inventory.img", "pstree.img", "kybernate.json", "kybernate.json.sig", "COMPLETE"] {
+        assert!(entries.iter().any(|(n, _)| n == name), "{name} missing: {entries:?}");
+    }
+    let (manifest, signed) = checkpoint_core::bundle::verify_trusted(&path, &node_trust(&c)).unwrap();
+    assert!(matches!(signed, checkpoint_core::trust::Provenance::Signed { .. }));
+    assert_eq!(manifest.container.id, "kubelet-ck");
+    assert!(manifest.checkpoint.unwrap().pages_written > 0);
+    remove_task(&c, "kubelet-ck");
+}
+
+/// The keys the instance's shim signs with (its own key, as the kit made it).
+fn node_trust(c: &kybernate_tests::Containerd) -> checkpoint_core::trust::TrustedKeys {
+    checkpoint_core::trust::TrustedKeys::load(&[c.dir.path().join("keys/signing.pub")], false).unwrap()
+}
