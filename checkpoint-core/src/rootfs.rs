@@ -7,7 +7,8 @@
 //! contents are gone) and archived with their new contents, everything else goes into the tar.
 //! Device nodes are left out (a restore refuses them), and set-id files are recorded in
 //! [`CapturedLayer::setid`], which the manifest carries.
-//! Apply refuses any path that would leave the rootfs (absolute or `..` entries, symlinked parents)
+//! Apply reads the tar plain or gzip-compressed (as containerd's CRI writes it), refuses any path
+//! that would leave the rootfs (absolute or `..` entries, symlinked parents)
 //! and any device node, removes the deleted paths first, then unpacks the tar, clearing the set-user-
 //! and set-group-id bits of every file the signed manifest does not record with them.
 
@@ -184,7 +185,16 @@ pub fn apply_rootfs_diff(bundle: &Path, rootfs: &Path, setid: &BTreeMap<String, 
     }
     let tar_path = bundle.join(ROOTFS_DIFF);
     let file = File::open(&tar_path).map_err(|e| Error::io(format!("opening {}", tar_path.display()), e))?;
-    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    // containerd's CRI writes the layer gzip-compressed under the same name; Podman and CRI-O do not.
+    let gzipped = std::io::BufRead::fill_buf(&mut reader)
+        .map_err(|e| Error::io(format!("reading {}", tar_path.display()), e))?
+        .starts_with(&[0x1f, 0x8b]);
+    let stream: Box<dyn std::io::Read> = match gzipped {
+        true => Box::new(flate2::read::GzDecoder::new(reader)),
+        false => Box::new(reader),
+    };
+    let mut archive = tar::Archive::new(stream);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);

@@ -373,8 +373,12 @@ fn a_stop_checkpoint_keeps_the_tasks_frozen_until_the_seal_and_then_ends_them() 
     assert!(report.rootfs.is_some_and(|r| r.content_bytes == 96 << 20));
     // Frozen after the dump, through the writable layer and the seal, then ended: never running again.
     // (During the dump CRIU may thaw the cgroup while it holds every task under ptrace.)
+    // Ending it is SIGKILL while frozen, then a thaw, so runc may see it "running" for the instant the
+    // kernel takes to deliver the signal; the counter below shows it executed nothing.
     let paused = seen.iter().rposition(|s| s.as_deref() == Some("Paused")).unwrap_or_else(|| panic!("{seen:?}"));
-    assert!(seen[paused + 1..].iter().all(|s| matches!(s.as_deref(), Some("Stopped") | None)), "{seen:?}");
+    let after = &seen[paused + 1..];
+    let after = after.strip_prefix(&[Some("Running".to_string())]).unwrap_or(after);
+    assert!(!after.is_empty() && after.iter().all(|s| matches!(s.as_deref(), Some("Stopped") | None)), "{seen:?}");
     assert!(checkpoint_core::bundle::is_complete(&bundle_dir));
     assert!(matches!(container.status().as_deref(), None | Some("stopped")), "{:?}", container.status());
 

@@ -398,9 +398,10 @@ fn restored_task_keeps_writing_to_its_stdout() {
 /// `client/task.go`, `core/runtime/v2/shim.go`): Pause, then a task Checkpoint with the request path
 /// a fresh temporary directory and no options at all (runc's options are only set for
 /// io.containerd.runc.v2), then Resume. containerd then unpacks that directory's files flat into the
-/// archive's `checkpoint/`, so it must hold regular files only, CRIU's images among them.
+/// archive's `checkpoint/`, so it must hold regular files only, CRIU's images among them. The archive
+/// containerd builds around it restores through `kybernate.io/restore-from`.
 #[test]
-fn a_containerd_2_cri_checkpoint_request_is_served_and_the_task_runs_on() {
+fn a_containerd_2_cri_checkpoint_is_served_and_its_archive_restores() {
     let (c, image) = setup();
     start_counter(&c, image, "kubelet-ck", 3);
     let shim = shim_client(&c, "kubelet-ck");
@@ -414,6 +415,9 @@ fn a_containerd_2_cri_checkpoint_request_is_served_and_the_task_runs_on() {
         ..Default::default()
     };
     shim.checkpoint(ttrpc_timeout(), &request).unwrap();
+    // containerd takes the rootfs diff while the task is still paused, then resumes it
+    let at_checkpoint = read_counter(&c.bundle("kubelet-ck")).unwrap();
+    let diff = gzip_rootfs_diff(&c, "kubelet-ck");
     let resume = containerd_shim_protos::shim::shim::ResumeRequest { id: "kubelet-ck".into(), ..Default::default() };
     shim.resume(ttrpc_timeout(), &resume).unwrap();
     assert_eq!(c.task_status("kubelet-ck").as_deref(), Some("RUNNING"), "CRI checkpoints leave the task running");
@@ -433,7 +437,74 @@ fn a_containerd_2_cri_checkpoint_request_is_served_and_the_task_runs_on() {
     assert!(matches!(signed, checkpoint_core::trust::Provenance::Signed { .. }));
     assert_eq!(manifest.container.id, "kubelet-ck");
     assert!(manifest.checkpoint.unwrap().pages_written > 0);
+
+    // The KEP-2008 archive containerd then builds (unpacked): the shim's files flat in checkpoint/,
+    // its own config.dump and spec.dump, status.dump, and the gzip-compressed rootfs-diff.tar.
+    let archive = c.dir.path().join("kubelet-archive");
+    fs::create_dir_all(archive.join("checkpoint")).unwrap();
+    for entry in fs::read_dir(&path).unwrap().flatten() {
+        fs::copy(entry.path(), archive.join("checkpoint").join(entry.file_name())).unwrap();
+    }
+    fs::copy(c.bundle("kubelet-ck").join("config.json"), archive.join("spec.dump")).unwrap();
+    let config = serde_json::json!({
+        "id": "kubelet-ck", "name": "kubelet-ck", "rootfsImageName": image, "runtime": KYBERNATE_RUNTIME,
+        "rootfsImage": image, "createdTime": "2026-12-01T10:00:00.123456789Z",
+        "checkpointedTime": "2026-12-01T11:00:00.123456789Z", "restoredTime": "0001-01-01T00:00:00Z", "restored": false
+    });
+    fs::write(archive.join("config.dump"), config.to_string()).unwrap();
+    fs::write(archive.join("status.dump"), r#"{"id":"kubelet-ck","state":1}"#).unwrap();
+    fs::write(archive.join("rootfs-diff.tar"), &diff).unwrap();
     remove_task(&c, "kubelet-ck");
+
+    // restore-from the archive: the signed images inside are verified, the gzip layer applied, and
+    // the counter goes on from where it was checkpointed.
+    let restore = format!("kybernate.io/restore-from={}", archive.display());
+    ctr_run(
+        &c,
+        &["-d", "--annotation", &restore],
+        image,
+        "from-kubelet",
+        &["sh", "-c", kybernate_tests::COUNTER_SCRIPT],
+    )
+    .unwrap()
+    .ok("ctr run restoring the CRI archive")
+    .unwrap();
+    let first = wait_for("the restored counter", TIMEOUT, || read_counter(&c.bundle("from-kubelet"))).unwrap();
+    assert!(
+        first >= at_checkpoint && first < at_checkpoint + 50,
+        "resumed from {first}, checkpointed at {at_checkpoint}"
+    );
+    counter_past(&c, "from-kubelet", first);
+    remove_task(&c, "from-kubelet");
+
+    // The same archive as another runtime writes it (no Kybernate manifest) is refused: nothing
+    // says who wrote it, unless the node allows unsigned checkpoints.
+    for file in ["kybernate.json", "kybernate.json.sig", "COMPLETE"] {
+        fs::remove_file(archive.join("checkpoint").join(file)).unwrap();
+    }
+    let out = ctr_run(&c, &["-d", "--annotation", &restore], image, "foreign", &["sh", "-c", "true"]).unwrap();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("it has no Kybernate manifest") && out.stderr.contains("allow_unsigned"), "{out:?}");
+    assert_eq!(c.task_status("foreign"), None);
+}
+
+/// The container's writable layer as containerd's CRI stores it in a checkpoint archive: a gzip
+/// tar of the overlay upper directory (its snapshot diff).
+fn gzip_rootfs_diff(c: &kybernate_tests::Containerd, id: &str) -> Vec<u8> {
+    let rootfs = c.bundle(id).join("rootfs").display().to_string();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mounts.lines().find(|l| l.split(' ').nth(4) == Some(rootfs.as_str())).expect("the rootfs mount");
+    let upper = line
+        .split(',')
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(|u| u.split(' ').next().unwrap_or(u).to_string())
+        .expect("an overlay rootfs");
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all(".", &upper).unwrap();
+    let bytes = tar.into_inner().unwrap().finish().unwrap();
+    assert_eq!(bytes[..2], [0x1f, 0x8b]);
+    bytes
 }
 
 /// The keys the instance's shim signs with (its own key, as the kit made it).

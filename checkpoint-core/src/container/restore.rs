@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bundle::{self, BundleLayout, Manifest, MANIFEST_FILE};
+use crate::bundle::{
+    self, BundleLayout, Manifest, COMPLETE_MARKER, FAILED_MARKER, IN_PROGRESS_MARKER, MANIFEST_FILE, PARTIAL_MARKER,
+};
 use crate::criu::Criu;
 use crate::error::{Error, GpuStep, Result};
 use crate::gpu::{gpu_error, GpuContext, GpuMatch, GpuRestorePlan};
@@ -108,16 +110,27 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
         return Err(refuse("the directory does not exist".into()));
     }
     let mut partial = None;
-    let (manifest, provenance) = if opts.accept_unsealed && !dir.join(MANIFEST_FILE).exists() {
+    let markers = [MANIFEST_FILE, COMPLETE_MARKER, FAILED_MARKER, PARTIAL_MARKER, IN_PROGRESS_MARKER];
+    let has_markers = markers.iter().any(|m| dir.join(m).exists());
+    let nested = dir.join(bundle::CHECKPOINT_DIR);
+    let (manifest, provenance) = if !has_markers && nested.join(MANIFEST_FILE).exists() {
+        // A KEP-2008 archive a CRI built around a Kybernate task image (containerd 2.x's
+        // CheckpointContainer): the images and their signed manifest are in checkpoint/; the CRI's
+        // files beside them (config.dump, spec.dump, the writable layer) are not covered by it.
+        let (manifest, provenance) = bundle::verify_trusted(&nested, opts.trust)?;
+        tracing::warn!(archive = %dir.display(), "restoring a CRI checkpoint archive: its images are signed, its writable layer and metadata are not (set-id bits are cleared)");
+        (Some(manifest), provenance)
+    } else if !has_markers && (opts.accept_unsealed || is_foreign_archive(dir)) {
         if !opts.trust.allow_unsigned {
             return Err(Error::Refused {
                 subject: format!("checkpoint {}", dir.display()),
-                reason: "it has no Kybernate manifest (another shim wrote it), so nothing says who wrote it or that \
-                         it is intact; checkpoint with Kybernate, or set allow_unsigned = true in the shim config to \
-                         restore such images unverified"
+                reason: "it has no Kybernate manifest (another runtime or shim wrote it: CRI-O, Podman, a CRI around \
+                         another shim), so nothing says who wrote it or that it is intact; checkpoint with Kybernate, \
+                         or set allow_unsigned = true in the shim config to restore such checkpoints unverified"
                     .into(),
             });
         }
+        check_foreign(dir)?;
         tracing::warn!(image = %dir.display(), "checkpoint has no Kybernate manifest; restoring it unverified (allow_unsigned)");
         (None, Provenance::Unsigned)
     } else {
@@ -129,6 +142,9 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
         } else {
             bundle::verify_trusted(dir, opts.trust)?
         };
+        (Some(manifest), provenance)
+    };
+    if let Some(manifest) = &manifest {
         if let Some(check) = &opts.tenant {
             let from = Tenant::of(&manifest.container);
             let access = check.policy.check(&from, check.target, check.reference, check.grant)?;
@@ -136,9 +152,8 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
                 tracing::info!(bundle = %dir.display(), %from, to = %check.target, ?access, "restoring another tenant's bundle, as granted");
             }
         }
-        check_host(dir, &manifest, criu)?;
-        (Some(manifest), provenance)
-    };
+        check_host(dir, manifest, criu)?;
+    }
     let layout = BundleLayout::detect(dir).ok_or_else(|| {
         refuse(format!(
             "{} is missing: this is not a CRIU checkpoint image (neither {}/ nor the directory itself holds one)",
@@ -162,6 +177,44 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
     // Images of other shims carry no flags: CRIU's defaults, as runc's restore assumes.
     let flags = manifest.as_ref().and_then(|m| m.criu_flags.clone()).unwrap_or_default();
     Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu, partial, provenance })
+}
+
+/// Whether `dir` is a KEP-2008 checkpoint archive (unpacked) that Kybernate did not write: CRIU's
+/// images in `checkpoint/` beside `config.dump` and `spec.dump`, as kubelet's CRI, CRI-O and Podman
+/// export them.
+fn is_foreign_archive(dir: &Path) -> bool {
+    [bundle::CONFIG_DUMP, bundle::SPEC_DUMP].iter().all(|f| dir.join(f).is_file())
+        && dir.join(bundle::CHECKPOINT_DIR).join(bundle::INVENTORY_IMAGE).is_file()
+}
+
+/// What can be checked of a checkpoint without a manifest: CRIU's inventory is there, and when it is
+/// a KEP-2008 archive, its `config.dump` and `spec.dump` are JSON objects; links and special files
+/// are refused.
+fn check_foreign(dir: &Path) -> Result<()> {
+    let refuse = |reason: String| Error::Bundle { path: dir.to_path_buf(), reason };
+    for file in [bundle::CONFIG_DUMP, bundle::SPEC_DUMP] {
+        let path = dir.join(file);
+        if !path.exists() {
+            continue;
+        }
+        let text = std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        match serde_json::from_slice::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Object(_)) => {}
+            _ => return Err(refuse(format!("{file} is not a JSON object: this is not a checkpoint archive"))),
+        }
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(|e| Error::io(format!("listing {}", d.display()), e))?.flatten() {
+            let kind = entry.file_type().map_err(|e| Error::io(format!("stat {}", entry.path().display()), e))?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if !kind.is_file() {
+                return Err(refuse(format!("{} is not a regular file or directory", entry.path().display())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks that the checkpoint of `manifest` (in `dir`) can be restored here: same CPU architecture,
