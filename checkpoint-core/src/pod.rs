@@ -17,7 +17,8 @@ use std::path::Path;
 use crate::bundle::{self, CHECKPOINT_DIR, FAILED_MARKER, MANIFEST_FILE};
 
 /// Archive suffixes a store gives a bundle's key.
-const ARCHIVE_SUFFIXES: [&str; 2] = [".tar.zst", ".tar"];
+/// Longest first: an archive the sidecar encrypted ends in `.kenc` (`docs/sidecar.md`).
+const ARCHIVE_SUFFIXES: [&str; 4] = [".tar.zst.kenc", ".tar.kenc", ".tar.zst", ".tar"];
 
 /// Whether `name` (a file name or store key) is a bundle archive, as the sidecar names them.
 pub fn is_archive(name: &str) -> bool {
@@ -172,6 +173,11 @@ mod tests {
             Some(PodEntry { container: "app".into(), time: T1.into(), rel: format!("app/{T1}.tar.zst") })
         );
         assert_eq!(PodEntry::parse(&format!("app/{T1}")).unwrap().time, T1);
+        for suffix in [".tar", ".tar.zst", ".tar.kenc", ".tar.zst.kenc"] {
+            assert_eq!(PodEntry::parse(&format!("app/{T1}{suffix}")).unwrap().time, T1, "{suffix}");
+            assert!(is_archive(&format!("ns/pod/app/{T1}{suffix}")), "{suffix}");
+        }
+        assert!(!is_archive(&format!("ns/pod/app/{T1}.tar.zst.meta.json")));
         for bad in ["app", &format!("/{T1}"), "app/not-a-time", &format!(".hidden/{T1}"), &format!("a/b/{T1}")] {
             assert_eq!(PodEntry::parse(bad), None, "{bad}");
         }

@@ -3,7 +3,10 @@
 #   - tar cf to a file (the baseline),
 #   - push to a filesystem store (plain tar and zstd),
 #   - push to s3s-fs on loopback (plain tar and zstd; multipart, parallel parts),
-#   - pull back from the filesystem store (download + verify + safe extract).
+#   - pull back from the filesystem store (download + verify + safe extract),
+#   - each push and pull again with encryption at rest (XChaCha20-Poly1305 STREAM, a key from
+#     `kybernate-sidecar keygen`), right after its unencrypted twin, printed as a ratio
+#     (encrypted / plain) of time and peak RSS.
 # Reports seconds, MB/s (bundle bytes / wall time), peak RSS (/usr/bin/time -v) and the ratio of each
 # run's time to tar's (plain `tar cf`, and `tar cf` followed by an fsync of the archive, since the
 # stores fsync what they write). Page cache is warmed first, so all runs read the bundle from memory.
@@ -52,7 +55,7 @@ cleanup() {
   if [ -z "${BENCH_DIR:-}" ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
-need=$((bytes * 3 / 1024 + 1048576))
+need=$((bytes * 5 / 1024 + 1048576))
 avail=$(df -Pk "$work" | awk 'NR==2 {print $4}')
 [ "$avail" -ge "$need" ] || die "$work has $((avail / 1024)) MiB free; the benchmark needs about $((need / 1024)) MiB"
 
@@ -108,6 +111,9 @@ run() {
 
 sidecar=("$SIDECAR" --config /dev/null --checkpoint-dir "$ckpt")
 export RUST_LOG=warn
+key="$work/bench.key"
+"$SIDECAR" keygen --out "$key" >/dev/null
+enc=(--encryption-key-file "$key")
 
 run "tar cf (baseline)" tar cf "$work/bundle.tar" -C "$ckpt" "$rel"
 rm -f "$work/bundle.tar"
@@ -117,9 +123,13 @@ rm -f "$work/bundle.tar"
 
 store="file://$work/store"
 run "push fs store, tar" "${sidecar[@]}" --store "$store" --compression none push --force "$bundle"
+run "push fs store, tar +enc" "${sidecar[@]}" "${enc[@]}" --store "$store" --compression none push --force "$bundle"
 run "pull fs store, tar" "${sidecar[@]}" --store "$store" pull "$store/$rel.tar" "$work/pulled"
+rm -rf "$work/pulled"
+run "pull fs store, tar +enc" "${sidecar[@]}" "${enc[@]}" --store "$store" pull "$store/$rel.tar.kenc" "$work/pulled"
 rm -rf "$work/pulled" "$work/store"
 run "push fs store, zstd" "${sidecar[@]}" --store "$store" --compression zstd push --force "$bundle"
+run "push fs store, zstd +enc" "${sidecar[@]}" "${enc[@]}" --store "$store" --compression zstd push --force "$bundle"
 rm -rf "$work/store"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -130,7 +140,9 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 s3=(--store s3://bench/run --s3-endpoint "http://127.0.0.1:$port" --s3-part-size-mib "$PART_MIB" --s3-concurrency "$CONCURRENCY")
 run "push s3s-fs, tar" "${sidecar[@]}" "${s3[@]}" --compression none push --force "$bundle"
+run "push s3s-fs, tar +enc" "${sidecar[@]}" "${enc[@]}" "${s3[@]}" --compression none push --force "$bundle"
 run "push s3s-fs, zstd" "${sidecar[@]}" "${s3[@]}" --compression zstd push --force "$bundle"
+run "push s3s-fs, zstd +enc" "${sidecar[@]}" "${enc[@]}" "${s3[@]}" --compression zstd push --force "$bundle"
 
 mb=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1e6 }')
 printf '\nbundle: %s MB (%s), %s, part size %s MiB x %s parallel, %s cores\n' \
@@ -138,5 +150,18 @@ printf '\nbundle: %s MB (%s), %s, part size %s MiB x %s parallel, %s cores\n' \
 awk -F'\t' -v b="$bytes" '
   function ratio(x, y) { return x / (y > 0 ? y : 0.001) }
   FNR == NR { if (FNR == 1) tar = $2; if (FNR == 2) synced = $2; next }
-  { printf "%-22s %8.2f s %9.1f MB/s %8.1f MiB RSS  %5.2fx tar  %5.2fx tar+fsync\n", $1, $2, ratio(b / 1e6, $2), $3 / 1024, ratio($2, tar), ratio($2, synced) }
+  { printf "%-27s %8.2f s %9.1f MB/s %8.1f MiB RSS  %5.2fx tar  %5.2fx tar+fsync\n", $1, $2, ratio(b / 1e6, $2), $3 / 1024, ratio($2, tar), ratio($2, synced) }
 ' "$results" "$results"
+printf '\nencryption at rest (encrypted / plain, same run):\n'
+awk -F'\t' '
+  function ratio(x, y) { return x / (y > 0 ? y : 0.001) }
+  { wall[$1] = $2; rss[$1] = $3; order[NR] = $1 }
+  END {
+    for (i = 1; i <= NR; i++) {
+      name = order[i]
+      if (name !~ / \+enc$/) continue
+      plain = substr(name, 1, length(name) - 5)
+      printf "%-22s %5.2fx time  %5.2fx peak RSS  (+%.1f MiB)\n", plain, ratio(wall[name], wall[plain]), ratio(rss[name], rss[plain]), (rss[name] - rss[plain]) / 1024
+    }
+  }
+' "$results"

@@ -4,7 +4,8 @@
 //! contents through an optional multithreaded zstd encoder into a [`ChunkWriter`], which hands
 //! `chunk_size` pieces to the uploader over a bounded channel. Memory stays at
 //! `(channel_depth + 1) * chunk_size` plus the encoder's window; nothing is staged on disk. The same
-//! bundle always yields the same bytes, which is what lets an interrupted S3 upload resume.
+//! bundle always yields the same bytes, which is what lets an interrupted S3 upload resume. With a
+//! [`Sealing`], the compressed stream is encrypted on the same thread ([`crate::crypt`]).
 
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::crypt::{EncryptWriter, Sealing};
 use crate::error::{join_error, Error, Result};
 
 /// Callback told how many more bytes were processed (read from the bundle, or downloaded).
@@ -42,8 +44,10 @@ impl Compression {
         }
     }
 
-    /// The format implied by an object key's suffix, if any.
+    /// The format implied by an object key's suffix, if any (also behind the suffix of an
+    /// encrypted object, [`crate::crypt::SUFFIX`]).
     pub fn from_key(key: &str) -> Option<Self> {
+        let key = crate::crypt::strip_suffix(key);
         if key.ends_with(".tar.zst") {
             Some(Compression::Zstd)
         } else if key.ends_with(".tar") {
@@ -115,14 +119,38 @@ impl ArchiveStream {
     }
 }
 
-/// Starts archiving `bundle` on a blocking thread and returns the stream of its bytes.
-/// Must be called inside a tokio runtime.
-pub fn archive_bundle(bundle: &Path, opts: &ArchiveOptions, progress: Option<Progress>) -> ArchiveStream {
+/// Starts archiving `bundle` on a blocking thread and returns the stream of its bytes, encrypted
+/// with `sealing` when given: a second thread encrypts the compressed stream (so that encryption
+/// overlaps reading and compressing) before it is cut into chunks for the store, so the stream —
+/// and its size and sha256 — is what the store holds. Must be called inside a tokio runtime.
+pub fn archive_bundle(
+    bundle: &Path,
+    opts: &ArchiveOptions,
+    sealing: Option<Sealing>,
+    progress: Option<Progress>,
+) -> ArchiveStream {
     let (tx, rx) = mpsc::channel(opts.channel_depth.max(1));
     let bundle = bundle.to_path_buf();
     let opts = opts.clone();
     let producer = tokio::task::spawn_blocking(move || {
-        write_archive(&bundle, &opts, progress, tx).map_err(|source| Error::Archive { bundle: bundle.clone(), source })
+        let result = match &sealing {
+            None => write_archive(&bundle, &opts, progress, tx),
+            Some(sealing) => std::thread::scope(|scope| {
+                let (plain_tx, plain_rx) = mpsc::channel(opts.channel_depth.max(1));
+                let sink = ChunkWriter::new(tx, opts.chunk_size);
+                let encryptor = scope.spawn(move || encrypt_chunks(plain_rx, sealing, sink));
+                let written = write_archive(&bundle, &opts, progress, plain_tx.clone());
+                if written.is_ok() {
+                    // The end marker: only now may the encryptor seal the last chunk.
+                    let _ = plain_tx.blocking_send(Bytes::new());
+                }
+                drop(plain_tx);
+                let encrypted =
+                    encryptor.join().unwrap_or_else(|_| Err(io::Error::other("the encryption thread panicked")));
+                written.and(encrypted)
+            }),
+        };
+        result.map_err(|source| Error::Archive { bundle: bundle.clone(), source })
     });
     ArchiveStream { rx, producer: Some(producer), hasher: Sha256::new(), size: 0 }
 }
@@ -134,22 +162,48 @@ fn write_archive(
     tx: mpsc::Sender<Bytes>,
 ) -> io::Result<()> {
     let entries = walk(bundle)?;
-    let sink = ChunkWriter::new(tx, opts.chunk_size);
-    let sink = match opts.compression {
-        Compression::None => write_tar(&entries, sink, progress.as_ref())?,
+    write_compressed(&entries, opts, ChunkWriter::new(tx, opts.chunk_size), progress.as_ref())?.finish()
+}
+
+/// Encrypts the plaintext chunks from `rx` into `sink`. The last chunk is sealed only on the end
+/// marker (an empty chunk, which [`ChunkWriter`] never sends otherwise), so an archive whose writer
+/// failed never looks complete.
+fn encrypt_chunks(mut rx: mpsc::Receiver<Bytes>, sealing: &Sealing, sink: ChunkWriter) -> io::Result<()> {
+    let mut writer = EncryptWriter::new(sink, sealing)?;
+    while let Some(chunk) = rx.blocking_recv() {
+        if chunk.is_empty() {
+            return writer.finish()?.finish();
+        }
+        writer.write_all(&chunk)?;
+    }
+    Err(io::Error::other("the archive writer stopped before the end of the archive"))
+}
+
+/// Writes the tar of `entries` into `sink`, through zstd if `opts` say so; returns `sink`.
+fn write_compressed<W: Write>(
+    entries: &[Entry],
+    opts: &ArchiveOptions,
+    sink: W,
+    progress: Option<&Progress>,
+) -> io::Result<W> {
+    match opts.compression {
+        Compression::None => write_tar(entries, sink, progress),
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(sink, opts.zstd_level)?;
             enc.include_checksum(true)?;
-            let threads = if opts.zstd_threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-            } else {
-                opts.zstd_threads
-            };
-            enc.multithread(threads)?;
-            write_tar(&entries, enc, progress.as_ref())?.finish()?
+            enc.multithread(zstd_workers(opts))?;
+            write_tar(entries, enc, progress)?.finish()
         }
-    };
-    sink.finish()
+    }
+}
+
+/// zstd worker threads for `opts` (0: one per available core).
+fn zstd_workers(opts: &ArchiveOptions) -> u32 {
+    if opts.zstd_threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    } else {
+        opts.zstd_threads
+    }
 }
 
 fn write_tar<W: Write>(entries: &[Entry], sink: W, progress: Option<&Progress>) -> io::Result<W> {
@@ -247,6 +301,35 @@ pub fn fingerprint(bundle: &Path) -> Result<String> {
         let bytes = fs::read(&manifest).map_err(|e| Error::io("read manifest", &manifest, e))?;
         h.update(&bytes);
     }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Identity of the archive [`archive_bundle`] makes of `bundle` with `opts`: the bundle's
+/// [`fingerprint`], every entry's owner and symlink target (also in the tar headers), the archive
+/// settings and the zstd and sidecar versions. The same identity means the same archive bytes
+/// (short of file contents changed with their size and mtime kept, which a sealed bundle's must
+/// not be): a retried encrypted upload reuses its nonce only under the same identity.
+pub fn stream_identity(bundle: &Path, opts: &ArchiveOptions) -> Result<String> {
+    let entries = walk(bundle).map_err(|source| Error::Archive { bundle: bundle.to_path_buf(), source })?;
+    let mut h = Sha256::new();
+    h.update(fingerprint(bundle)?);
+    for e in &entries {
+        h.update(e.rel.as_os_str().as_encoded_bytes());
+        h.update(format!("\0{}:{}\0", e.metadata.uid(), e.metadata.gid()));
+        if e.metadata.file_type().is_symlink() {
+            let target = fs::read_link(&e.abs).map_err(|e2| Error::io("read symlink", &e.abs, e2))?;
+            h.update(target.as_os_str().as_encoded_bytes());
+        }
+        h.update(b"\n");
+    }
+    h.update(format!(
+        "{:?} level {} workers {} zstd {} sidecar {}",
+        opts.compression,
+        opts.zstd_level,
+        zstd_workers(opts),
+        zstd::zstd_safe::version_number(),
+        env!("CARGO_PKG_VERSION")
+    ));
     Ok(hex::encode(h.finalize()))
 }
 

@@ -13,6 +13,9 @@
 //! drain_timeout = "0s"                           # daemon: on SIGTERM, keep shipping this long
 //! retry_base = "5s"                              # daemon: backoff between attempts per bundle
 //! retry_max = "5m"
+//! encryption_key_file = "/etc/kybernate/archive.key"   # encrypt every archive (mode 0600)
+//! decryption_key_files = ["/etc/kybernate/archive-2024.key"]  # older keys, still read
+//! require_encryption = false                     # true: refuse to pull unencrypted archives
 //!
 //! [s3]
 //! endpoint = "http://minio.example:9000"         # S3-compatible servers
@@ -30,11 +33,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::archive::{ArchiveOptions, Compression};
+use crate::crypt::{Key, Keyring};
 use crate::error::{Error, Result};
 use crate::extract::ExtractLimits;
 use crate::retry::RetryPolicy;
@@ -75,6 +80,13 @@ pub struct FileConfig {
     pub retry_base: Option<String>,
     /// Longest backoff between shipments of a failing bundle (humantime).
     pub retry_max: Option<String>,
+    /// File holding the key every archive is encrypted with (64 hex digits or 44 base64
+    /// characters; mode 0600 or 0400). Pulls accept it too.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Files of older keys that pulls still accept (during a key rotation).
+    pub decryption_key_files: Option<Vec<PathBuf>>,
+    /// Refuse to pull unencrypted archives (needs an encryption key).
+    pub require_encryption: Option<bool>,
     /// S3 settings.
     #[serde(default)]
     pub s3: S3File,
@@ -168,6 +180,32 @@ pub struct Overrides {
     /// Daemon: on SIGTERM, keep shipping queued bundles for up to this long (e.g. 5m; default 0).
     #[arg(long, global = true, env = "KYBERNATE_SIDECAR_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// Encrypt every archive with the key in this file (hex or base64, mode 0600); pulls accept it.
+    /// KYBERNATE_ENCRYPTION_KEY may hold the key itself instead.
+    #[arg(long, global = true, env = "KYBERNATE_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// An older key that pulls still accept (repeatable; replaces decryption_key_files).
+    #[arg(long = "decryption-key-file", global = true, env = "KYBERNATE_DECRYPTION_KEY_FILES", value_delimiter = ',')]
+    pub decryption_key_files: Vec<PathBuf>,
+    /// Refuse to pull unencrypted archives (needs an encryption key).
+    #[arg(long, global = true, env = "KYBERNATE_REQUIRE_ENCRYPTION")]
+    pub require_encryption: Option<bool>,
+    /// The encryption key itself, from [`ENCRYPTION_KEY_ENV`] ([`Overrides::with_key_from_env`]).
+    /// Never a flag: a command line is visible to every user of the node.
+    #[arg(skip)]
+    pub encryption_key: Option<Arc<Key>>,
+}
+
+/// Environment variable that may hold the encryption key itself (hex or base64), e.g. from a
+/// Kubernetes Secret through `secretKeyRef`; an alternative to `encryption_key_file`.
+pub const ENCRYPTION_KEY_ENV: &str = "KYBERNATE_ENCRYPTION_KEY";
+
+impl Overrides {
+    /// Takes the encryption key from [`ENCRYPTION_KEY_ENV`] when that is set.
+    pub fn with_key_from_env(mut self) -> Result<Self> {
+        self.encryption_key = Key::from_env(ENCRYPTION_KEY_ENV)?.map(Arc::new);
+        Ok(self)
+    }
 }
 
 /// `--compression` values.
@@ -209,6 +247,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Daemon backoff between attempts of a failing bundle.
     pub backoff: RetryPolicy,
+    /// Encryption and decryption keys.
+    pub keys: Keyring,
 }
 
 fn duration(key: &str, value: Option<&String>, default: Duration) -> Result<Duration> {
@@ -219,9 +259,42 @@ fn duration(key: &str, value: Option<&String>, default: Duration) -> Result<Dura
     }
 }
 
+/// Loads the keys: the encryption key from the flag, the environment or the file (one of them),
+/// the older keys from the flags or the file.
+fn keyring(file: &FileConfig, flags: &Overrides) -> Result<Keyring> {
+    let encryption = match (&flags.encryption_key_file, &flags.encryption_key) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Config {
+                key: "encryption_key_file".into(),
+                reason: format!("both --encryption-key-file and {ENCRYPTION_KEY_ENV} are set; set one of them"),
+            })
+        }
+        (Some(path), None) => Some(Arc::new(Key::load(path)?)),
+        (None, Some(key)) => Some(key.clone()),
+        (None, None) => file.encryption_key_file.as_deref().map(Key::load).transpose()?.map(Arc::new),
+    };
+    let older = if flags.decryption_key_files.is_empty() {
+        file.decryption_key_files.as_deref().unwrap_or_default()
+    } else {
+        &flags.decryption_key_files
+    };
+    let older = older.iter().map(|p| Key::load(p).map(Arc::new)).collect::<Result<Vec<_>>>()?;
+    let require = flags.require_encryption.or(file.require_encryption).unwrap_or(false);
+    if require && encryption.is_none() {
+        return Err(Error::Config {
+            key: "require_encryption".into(),
+            reason: format!(
+                "it needs an encryption key: set encryption_key_file (or --encryption-key-file, or {ENCRYPTION_KEY_ENV})"
+            ),
+        });
+    }
+    Ok(Keyring::new(encryption, older, require))
+}
+
 impl Settings {
     /// Resolves `file` with `flags` on top.
     pub fn resolve(file: FileConfig, flags: &Overrides) -> Result<Self> {
+        let keys = keyring(&file, flags)?;
         let store_url = flags.store.clone().or(file.store).unwrap_or_else(|| DEFAULT_STORE.to_string());
         let store = StoreLocation::parse(&store_url)?;
 
@@ -300,6 +373,7 @@ impl Settings {
                 base_delay: duration("retry_base", file.retry_base.as_ref(), Duration::from_secs(5))?,
                 max_delay: duration("retry_max", file.retry_max.as_ref(), Duration::from_secs(300))?,
             },
+            keys,
         })
     }
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::crypt::KeyId;
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -227,6 +229,79 @@ pub enum Error {
     Unpack {
         /// The object key.
         key: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An encryption key cannot be used (a file others may read, not 32 bytes in hex or base64, a
+    /// key file that keygen would replace). Never contains any of the key.
+    #[error("encryption key {origin} is unusable: {reason}")]
+    EncryptionKey {
+        /// Where the key came from: `file <path>` or `in environment variable <name>`.
+        origin: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
+    /// The object is encrypted, and no key is configured to decrypt it.
+    #[error(
+        "object `{key}` is encrypted (key id {key_id}), but no decryption key is configured: set \
+         encryption_key_file or decryption_key_files in sidecar.toml (or --encryption-key-file, \
+         KYBERNATE_ENCRYPTION_KEY_FILE or KYBERNATE_ENCRYPTION_KEY) to the key it was pushed with; \
+         nothing was written"
+    )]
+    NoDecryptionKey {
+        /// The object key.
+        key: String,
+        /// The id of the key it was encrypted with.
+        key_id: KeyId,
+    },
+
+    /// The object is encrypted with a key that is not configured.
+    #[error(
+        "object `{key}` is encrypted with key id {expected}, which is none of the configured keys ({}): \
+         add the key it was pushed with to decryption_key_files; nothing was written",
+        available.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    WrongKey {
+        /// The object key.
+        key: String,
+        /// The id of the key it was encrypted with.
+        expected: KeyId,
+        /// The ids of the configured keys.
+        available: Vec<KeyId>,
+    },
+
+    /// An encrypted object does not decrypt: it was altered, truncated or reordered (or its
+    /// header does not match its record).
+    #[error(
+        "object `{key}` does not decrypt: {reason}; nothing was published to {}. \
+         Delete it (kybernate-sidecar rm) and push the bundle again",
+        dest.display()
+    )]
+    Decrypt {
+        /// The object key.
+        key: String,
+        /// What failed.
+        reason: String,
+        /// The destination that was not created.
+        dest: PathBuf,
+    },
+
+    /// The object is not encrypted, and `require_encryption` is set.
+    #[error(
+        "object `{key}` is not encrypted, and require_encryption is set: refused; push the bundle \
+         again with an encryption key configured, or set require_encryption = false"
+    )]
+    NotEncrypted {
+        /// The object key.
+        key: String,
+    },
+
+    /// The operating system's random source failed.
+    #[error("cannot draw random bytes from the operating system: {source}")]
+    Random {
         /// The underlying error.
         #[source]
         source: std::io::Error,

@@ -1,8 +1,9 @@
 //! Fetching a bundle for restore, the library side of `kybernate-sidecar pull`: resolve the
 //! reference (checkpoint-core's [`BundleRef`], the shim's rules), download (parallel ranged reads,
-//! in order), verify size and sha256 against the object's record while streaming, extract safely,
-//! check `COMPLETE`, verify the bundle's manifest (unless [`FetchOptions::skip_manifest_check`]),
-//! publish atomically. Nothing is staged on disk but the extracted files themselves.
+//! in order), verify size and sha256 against the object's record while streaming, decrypt and
+//! authenticate an encrypted object as it streams ([`crate::crypt`]), extract safely, check
+//! `COMPLETE`, verify the bundle's manifest (unless [`FetchOptions::skip_manifest_check`]), publish
+//! atomically. Nothing is staged on disk but the extracted files themselves.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -18,7 +19,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::archive::Progress;
+use crate::archive::{Compression, Progress};
+use crate::crypt::{self, DecryptReader, Key, Keyring};
 use crate::error::{join_error, Error, Result};
 use crate::extract::{self, ExtractLimits};
 use crate::retry::RetryPolicy;
@@ -43,6 +45,8 @@ pub struct FetchOptions {
     /// manifest itself before using the bundle, as the shim does before anything reaches CRIU
     /// (`pull --skip-manifest-check`). Default: false (verify).
     pub skip_manifest_check: bool,
+    /// Keys that decrypt encrypted objects, and whether unencrypted ones are refused.
+    pub keys: Keyring,
 }
 
 impl Default for FetchOptions {
@@ -55,6 +59,7 @@ impl Default for FetchOptions {
             limits: ExtractLimits::default(),
             progress: None,
             skip_manifest_check: false,
+            keys: Keyring::default(),
         }
     }
 }
@@ -131,8 +136,9 @@ pub async fn open_reference(reference: &BundleRef, s3: &S3Options) -> Result<(Ar
 /// directory in a filesystem store) and finds the archive of `container` in the pod checkpoint at
 /// `at`, or in the newest one (checkpoint-core's [`checkpoint_core::pod::select`], the rule the shim
 /// applies to a node directory). The store's listing under the prefix is the pod's index: every
-/// committed `<container>/<time>.tar[.zst]` object. [`Error::NotCovered`] when the pod checkpoint
-/// holds no bundle of `container`.
+/// committed `<container>/<time>.tar[.zst][.kenc]` object (an encrypted one wins over an unencrypted
+/// one of the same bundle). [`Error::NotCovered`] when the pod checkpoint holds no bundle of
+/// `container`.
 pub async fn open_pod_reference(
     reference: &BundleRef,
     container: &str,
@@ -154,8 +160,16 @@ pub async fn open_pod_reference(
     };
     let store = location.open(s3).await?;
     let objects = store.list(&prefix).await?;
-    let entries: Vec<PodEntry> =
-        objects.iter().filter_map(|o| o.key.strip_prefix(&prefix).and_then(PodEntry::parse)).collect();
+    let mut entries: Vec<PodEntry> = objects
+        .iter()
+        .filter_map(|o| {
+            let rel = o.key.strip_prefix(&prefix)?;
+            let entry = PodEntry::parse(crypt::strip_suffix(rel))?;
+            Some(PodEntry { rel: rel.to_string(), ..entry })
+        })
+        .collect();
+    // `pod::select` takes the first entry of the container: the encrypted one, if there are two.
+    entries.sort_by_key(|e| !e.rel.ends_with(crypt::SUFFIX));
     let chosen = match pod::select(&entries, container, at) {
         Selection::Covered(entry) => format!("{prefix}{}", entry.rel),
         Selection::NotCovered { time, containers } => {
@@ -202,13 +216,13 @@ fn invalid(reference: impl ToString, reason: impl ToString) -> Error {
 }
 
 /// The relative directory an object's bundle is restored to: its `bundle` label, or its key
-/// without the archive suffix.
+/// without the archive (and encryption) suffix.
 pub fn bundle_path(info: &ObjectInfo) -> Result<PathBuf> {
     let rel = match info.meta.labels.get(LABEL_BUNDLE) {
         Some(b) => b.clone(),
         None => {
-            let suffix = info.meta.compression.suffix();
-            info.key.strip_suffix(suffix).unwrap_or(&info.key).to_string()
+            let key = crypt::strip_suffix(&info.key);
+            key.strip_suffix(info.meta.compression.suffix()).unwrap_or(key).to_string()
         }
     };
     validate_key(&rel)
@@ -216,7 +230,9 @@ pub fn bundle_path(info: &ObjectInfo) -> Result<PathBuf> {
     Ok(PathBuf::from(rel))
 }
 
-/// Downloads, verifies and extracts `info` from `store` to `dest` (which must not exist).
+/// Downloads, verifies (decrypting an encrypted object) and extracts `info` from `store` to `dest`
+/// (which must not exist). An object that no configured key decrypts (or an unencrypted one under
+/// `require_encryption`) is refused before anything is downloaded or written.
 pub async fn fetch_object(
     store: Arc<dyn Store>,
     info: &ObjectInfo,
@@ -234,6 +250,7 @@ pub async fn fetch_object(
     if std::fs::symlink_metadata(dest).is_ok() {
         return Err(Error::DestinationExists { path: dest.to_path_buf() });
     }
+    let decryption = opts.keys.key_for(&info.key, info.meta.encryption.as_ref())?;
     let (tx, rx) = mpsc::channel::<Bytes>(2);
     let downloader = tokio::spawn(download(
         store.clone(),
@@ -247,7 +264,9 @@ pub async fn fetch_object(
     ));
     let (expected, limits, dest_owned, manifest) =
         (info.clone(), opts.limits, dest.to_path_buf(), !opts.skip_manifest_check);
-    let extractor = tokio::task::spawn_blocking(move || unpack_verified(rx, &expected, &dest_owned, &limits, manifest));
+    let extractor = tokio::task::spawn_blocking(move || {
+        unpack_verified(rx, &expected, decryption.as_deref(), &dest_owned, &limits, manifest)
+    });
     let extracted = extractor.await.map_err(|e| join_error("extract", e));
     let downloaded = downloader.await.map_err(|e| join_error("download", e));
     // A download failure explains whatever the extractor saw (truncated stream).
@@ -320,18 +339,24 @@ async fn read_range(
         .await
 }
 
-/// Runs on a blocking thread: hashes the raw stream while extracting, then verifies the stream
-/// against the record of `expected` and publishes (running the bundle's manifest pass if `manifest`).
+/// Runs on a blocking thread: hashes the raw stream while extracting (decrypting it with
+/// `decryption`), then verifies the stream against the record of `expected` and publishes (running
+/// the bundle's manifest pass if `manifest`).
 fn unpack_verified(
     rx: mpsc::Receiver<Bytes>,
     expected: &ObjectInfo,
+    decryption: Option<&Key>,
     dest: &Path,
     limits: &ExtractLimits,
     manifest: bool,
 ) -> Result<PathBuf> {
     let (key, size, expected_sha) = (expected.key.as_str(), expected.meta.size, &expected.meta.sha256);
     let mut raw = HashingReader { rx, current: Bytes::new(), hasher: Sha256::new(), read: 0 };
-    let staged = extract::stage(&mut raw, expected.meta.compression, dest, limits, key);
+    let compression = expected.meta.compression;
+    let staged = match decryption {
+        None => extract::stage(&mut raw, compression, dest, limits, key),
+        Some(k) => stage_decrypted(&mut raw, k, compression, dest, limits, key),
+    };
     // Hash whatever the extractor did not read, so corruption is reported as such.
     let drained = io::copy(&mut raw, &mut io::sink());
     let sha = hex::encode(raw.hasher.clone().finalize());
@@ -360,6 +385,30 @@ fn unpack_verified(
         (_, Err(e)) => Err(e),
         (Err(e), Ok(())) => Err(e),
     }
+}
+
+/// Decrypts `raw` with `k` into [`extract::stage`], then authenticates the rest of it (the last
+/// chunk above all, which proves that nothing was cut off). A decryption failure is reported as
+/// such, whatever the extractor made of the stream; the staging directory is then removed.
+fn stage_decrypted(
+    raw: &mut HashingReader,
+    k: &Key,
+    compression: Compression,
+    dest: &Path,
+    limits: &ExtractLimits,
+    key: &str,
+) -> Result<extract::Staged> {
+    let decrypt_error =
+        |reason: &str| Error::Decrypt { key: key.to_string(), reason: reason.into(), dest: dest.into() };
+    let mut plain = DecryptReader::new(raw, k).map_err(|reason| decrypt_error(&reason))?;
+    let staged = extract::stage(&mut plain, compression, dest, limits, key);
+    let rest = io::copy(&mut plain, &mut io::sink());
+    if let Some(reason) = plain.failure() {
+        return Err(decrypt_error(reason));
+    }
+    let staged = staged?;
+    rest.map_err(|source| Error::Unpack { key: key.to_string(), source })?;
+    Ok(staged)
 }
 
 /// Reads the chunks sent by the downloader, hashing and counting them.

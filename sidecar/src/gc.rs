@@ -97,6 +97,7 @@ mod tests {
                 size: 1,
                 sha256: String::new(),
                 compression: Compression::None,
+                encryption: None,
                 part_size: None,
                 part_sha256: vec![],
                 stored_at: "2030-01-01T00:00:00Z".into(),

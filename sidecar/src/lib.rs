@@ -5,6 +5,7 @@
 //! - [`daemon`]: watch the checkpoint directory and ship every bundle whose `COMPLETE` appears.
 //! - [`ship`]: ship one bundle and record it durably.
 //! - [`archive`]: the streaming tar/zstd producer.
+//! - [`crypt`]: encryption at rest of the archives (XChaCha20-Poly1305 STREAM) and its keys.
 //! - [`store`]: the [`store::Store`] trait with [`store::FsStore`] and [`store::S3Store`].
 //! - [`fetch`]: [`fetch_bundle`], the library entry of `kybernate-sidecar pull`, for
 //!   `kybernate.io/restore-from` references (checkpoint-core's
@@ -15,6 +16,7 @@
 
 pub mod archive;
 pub mod config;
+pub mod crypt;
 pub mod daemon;
 pub mod error;
 pub mod extract;

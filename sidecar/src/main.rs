@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use kybernate_sidecar::archive::{content_size, Progress};
 use kybernate_sidecar::config::{FileConfig, Overrides, Settings, DEFAULT_CONFIG_PATH};
+use kybernate_sidecar::crypt::write_new_key;
 use kybernate_sidecar::daemon::{Daemon, DaemonConfig};
 use kybernate_sidecar::fetch::{fetch_object, open_pod_reference, open_reference, parse_cli_reference, FetchOptions};
 use kybernate_sidecar::gc::{gc, GcPolicy};
@@ -91,6 +92,12 @@ enum Command {
     },
     /// Watch the checkpoint directory and ship every bundle whose COMPLETE appears.
     Daemon,
+    /// Write a new random encryption key to a file (mode 0600; never replaces an existing file).
+    Keygen {
+        /// The key file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Transfer buffers (parts, ranges) are MiB-sized and short-lived. glibc raises its mmap threshold
@@ -146,11 +153,17 @@ fn progress_bar(total: u64, verb: &str) -> Option<(ProgressBar, Progress)> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Keygen { out } = &cli.command {
+        let id = write_new_key(out)?;
+        println!("wrote a new encryption key to {} (key id {id})", out.display());
+        return Ok(());
+    }
     let (path, required) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
     };
-    let settings = Settings::resolve(FileConfig::load(&path, required)?, &cli.overrides)?;
+    let overrides = cli.overrides.with_key_from_env()?;
+    let settings = Settings::resolve(FileConfig::load(&path, required)?, &overrides)?;
     match cli.command {
         Command::Push { bundle, key, force } => push(&settings, &bundle, key, force).await,
         Command::Pull { reference, container, dest, skip_manifest_check } => {
@@ -169,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 concurrency: settings.s3.concurrency,
                 progress: bar.as_ref().map(|(_, p)| p.clone()),
                 skip_manifest_check,
+                keys: settings.keys.clone(),
             };
             let result = fetch_object(store, &info, &dest, &opts).await;
             if let Some((bar, _)) = bar {
@@ -218,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     state: StateDir::for_checkpoint_dir(&settings.checkpoint_dir),
                     force: false,
                     progress: None,
+                    keys: settings.keys.clone(),
                 },
                 checkpoint_dir: settings.checkpoint_dir.clone(),
                 rescan_interval: settings.rescan_interval,
@@ -228,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Daemon::new(config, store).run(Some(listener), shutdown_signal()).await?;
             Ok(())
         }
+        Command::Keygen { .. } => unreachable!("keygen returns before the settings are resolved"),
     }
 }
 
@@ -255,6 +271,7 @@ async fn push(settings: &Settings, bundle: &Path, key: Option<String>, force: bo
         state: StateDir::for_checkpoint_dir(&settings.checkpoint_dir),
         force,
         progress: bar.as_ref().map(|(_, p)| p.clone()),
+        keys: settings.keys.clone(),
     };
     let result = ship_bundle(store.as_ref(), &bundle, &rel, &opts).await;
     if let Some((bar, _)) = bar {
@@ -262,14 +279,15 @@ async fn push(settings: &Settings, bundle: &Path, key: Option<String>, force: bo
     }
     match result? {
         ShipOutcome::Shipped { object, seconds, reused_bytes } => println!(
-            "shipped {} to {}/{} ({}, {:.1}s, {} resumed, sha256 {})",
+            "shipped {} to {}/{} ({}, {:.1}s, {} resumed, sha256 {}{})",
             bundle.display(),
             store.location(),
             object.key,
             HumanBytes(object.meta.size),
             seconds,
             HumanBytes(reused_bytes),
-            object.meta.sha256
+            object.meta.sha256,
+            object.meta.encryption.map(|e| format!(", encrypted with key id {}", e.key_id)).unwrap_or_default()
         ),
         ShipOutcome::AlreadyShipped(r) => {
             println!("already shipped to {}/{} at {} (use --force to upload again)", r.location, r.key, r.shipped_at)

@@ -4,18 +4,23 @@
 //! The sidecar's own state lives in `<checkpoint dir>/.kybernate-sidecar/` (outside every bundle,
 //! so bundles stay byte-for-byte what the shim wrote):
 //! - `shipped/<bundle path>.json`: written atomically once the store confirmed the upload;
-//! - `uploads/<bundle path>.json`: an S3 upload's resume file while it is in progress.
+//! - `uploads/<bundle path>.json`: an S3 upload's resume file while it is in progress;
+//! - `encryption/<bundle path>.json`: the nonce of an encrypted upload in progress, so that a retry
+//!   re-encrypts to the very same bytes (and an S3 upload resumes) — used again only for the same
+//!   key and the same archive ([`stream_identity`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use checkpoint_core::bundle::is_complete;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::{archive_bundle, fingerprint, ArchiveOptions, Progress};
+use crate::archive::{archive_bundle, fingerprint, stream_identity, ArchiveOptions, Progress};
+use crate::crypt::{Key, KeyId, Keyring, Sealing, NONCE_PREFIX_LEN, SUFFIX};
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{remove_if_exists, write_atomic};
 use crate::store::{
     now_rfc3339, validate_key, ObjectInfo, PutRequest, Store, LABEL_BUNDLE, LABEL_CHECKPOINT_TIME, LABEL_FINGERPRINT,
 };
@@ -60,6 +65,30 @@ impl StateDir {
         self.root.join("uploads").join(format!("{rel}.json"))
     }
 
+    /// Where the nonce of an encrypted upload of bundle `rel` in progress lives.
+    pub fn sealing_path(&self, rel: &str) -> PathBuf {
+        self.root.join("encryption").join(format!("{rel}.json"))
+    }
+
+    /// What the archive of bundle `rel` (identity `identity`) is encrypted with: the nonce of an
+    /// earlier attempt at the very same archive with the same key, else a fresh one, recorded
+    /// before anything is sent.
+    fn sealing(&self, rel: &str, key: &Arc<Key>, identity: &str) -> Result<Sealing> {
+        let path = self.sealing_path(rel);
+        let earlier = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<SealingRecord>(&b).ok());
+        if let Some(r) = earlier.filter(|r| r.key_id == key.id() && r.identity == identity) {
+            let mut nonce = [0u8; NONCE_PREFIX_LEN];
+            if hex::decode_to_slice(&r.nonce, &mut nonce).is_ok() {
+                return Ok(Sealing::with_nonce(key.clone(), nonce));
+            }
+        }
+        let sealing = Sealing::fresh(key.clone())?;
+        let record =
+            SealingRecord { key_id: key.id(), identity: identity.to_string(), nonce: hex::encode(sealing.nonce()) };
+        write_atomic(&path, &serde_json::to_vec_pretty(&record).expect("SealingRecord always serialises"))?;
+        Ok(sealing)
+    }
+
     /// The shipped record of bundle `rel`, if it was shipped.
     pub fn shipped(&self, rel: &str) -> Result<Option<ShippedRecord>> {
         let path = self.shipped_path(rel);
@@ -73,10 +102,20 @@ impl StateDir {
         }
     }
 
+    /// Records the shipment, then forgets the nonce of the upload.
     fn mark_shipped(&self, rel: &str, record: &ShippedRecord) -> Result<()> {
         let json = serde_json::to_vec_pretty(record).expect("ShippedRecord always serialises");
-        write_atomic(&self.shipped_path(rel), &json)
+        write_atomic(&self.shipped_path(rel), &json)?;
+        remove_if_exists(&self.sealing_path(rel))
     }
+}
+
+/// The nonce of an encrypted upload in progress (public, like the header that holds it).
+#[derive(Serialize, Deserialize)]
+struct SealingRecord {
+    key_id: KeyId,
+    identity: String,
+    nonce: String,
 }
 
 /// Settings for [`ship_bundle`].
@@ -90,6 +129,8 @@ pub struct ShipOptions {
     pub force: bool,
     /// Told the number of bundle bytes archived as they are read.
     pub progress: Option<Progress>,
+    /// Keys: with an encryption key, every archive is encrypted with it.
+    pub keys: Keyring,
 }
 
 /// What [`ship_bundle`] did.
@@ -110,9 +151,10 @@ pub enum ShipOutcome {
     AlreadyInStore(ObjectInfo),
 }
 
-/// The object key of bundle `rel` (its path relative to the checkpoint directory).
-pub fn object_key(rel: &str, archive: &ArchiveOptions) -> String {
-    format!("{rel}{}", archive.compression.suffix())
+/// The object key of bundle `rel` (its path relative to the checkpoint directory), with
+/// [`SUFFIX`] when it is `encrypted`.
+pub fn object_key(rel: &str, archive: &ArchiveOptions, encrypted: bool) -> String {
+    format!("{rel}{}{}", archive.compression.suffix(), if encrypted { SUFFIX } else { "" })
 }
 
 /// Ships the bundle directory `bundle`, known to the store as `rel` (its path relative to the node
@@ -130,11 +172,13 @@ pub async fn ship_bundle(store: &dyn Store, bundle: &Path, rel: &str, opts: &Shi
             return Ok(ShipOutcome::AlreadyShipped(record));
         }
     }
-    let key = object_key(rel, &opts.archive);
+    let encryption_key = opts.keys.encryption_key();
+    let key = object_key(rel, &opts.archive, encryption_key.is_some());
     let fp = fingerprint(bundle)?;
     if !opts.force {
         if let Some(existing) = store.head(&key).await? {
-            if existing.meta.labels.get(LABEL_FINGERPRINT) == Some(&fp) {
+            let same_key = existing.meta.encryption.as_ref().map(|e| e.key_id) == encryption_key.map(|k| k.id());
+            if existing.meta.labels.get(LABEL_FINGERPRINT) == Some(&fp) && same_key {
                 opts.state.mark_shipped(rel, &record(store, &existing))?;
                 tracing::info!(bundle = %bundle.display(), %key, "bundle already in the store; recorded");
                 return Ok(ShipOutcome::AlreadyInStore(existing));
@@ -145,15 +189,24 @@ pub async fn ship_bundle(store: &dyn Store, bundle: &Path, rel: &str, opts: &Shi
     if let Some(t) = rel.rsplit('/').next().and_then(|name| humantime::parse_rfc3339_weak(name).ok()) {
         labels.insert(LABEL_CHECKPOINT_TIME.to_string(), humantime::format_rfc3339_seconds(t).to_string());
     }
+    let sealing = match encryption_key {
+        Some(k) => Some(opts.state.sealing(rel, k, &stream_identity(bundle, &opts.archive)?)?),
+        None => None,
+    };
     let req = PutRequest {
         key: key.clone(),
         compression: opts.archive.compression,
+        encryption: sealing.as_ref().map(Sealing::info),
         labels,
         resume_file: Some(opts.state.resume_path(rel)),
     };
     let started = Instant::now();
-    tracing::info!(bundle = %bundle.display(), location = %store.location(), %key, "shipping bundle");
-    let body = archive_bundle(bundle, &opts.archive, opts.progress.clone());
+    let key_id = encryption_key.map(|k| k.id().to_string());
+    tracing::info!(
+        bundle = %bundle.display(), location = %store.location(), %key, encryption_key_id = key_id.as_deref(),
+        "shipping bundle"
+    );
+    let body = archive_bundle(bundle, &opts.archive, sealing, opts.progress.clone());
     let committed = store.put(&req, body).await?;
     opts.state.mark_shipped(rel, &record(store, &committed.object))?;
     let seconds = started.elapsed().as_secs_f64();

@@ -122,6 +122,7 @@ impl Store for FsStore {
             size,
             sha256,
             compression: req.compression,
+            encryption: req.encryption.clone(),
             part_size: None,
             part_sha256: Vec::new(),
             stored_at: now_rfc3339(),

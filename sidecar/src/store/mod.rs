@@ -1,7 +1,7 @@
 //! Where archives go: one [`Store`] trait, a filesystem implementation (the default) and S3.
 //!
 //! Every archive `<key>` has a small JSON record `<key>.meta.json` beside it ([`ObjectMeta`]: size,
-//! whole-archive sha256, per-part sha256, compression, labels). The record is written only after
+//! whole-archive sha256, per-part sha256, compression, encryption, labels). The record is written only after
 //! the archive itself is durable in the store, so it is the commit point: an archive without its
 //! record is an unfinished upload and is neither listed nor fetched. (The whole-archive sha256 is
 //! only known once the stream ends, after S3 has fixed the object's own metadata, which is why it
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 
 use crate::archive::{ArchiveStream, Compression};
+use crate::crypt::EncryptionInfo;
 use crate::error::{Error, Result};
 
 pub mod fs;
@@ -47,8 +48,12 @@ pub struct ObjectMeta {
     pub size: u64,
     /// Hex sha256 of the whole archive.
     pub sha256: String,
-    /// Compression of the archive.
+    /// Compression of the archive (of the plaintext, when it is encrypted).
     pub compression: Compression,
+    /// How the archive is encrypted; `None`: it is not. Size and sha256 are of the stored
+    /// (encrypted) bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionInfo>,
     /// Multipart part size, for stores that upload in parts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part_size: Option<u64>,
@@ -107,6 +112,8 @@ pub struct PutRequest {
     pub key: String,
     /// Compression of the stream (recorded, not applied).
     pub compression: Compression,
+    /// Encryption of the stream (recorded, not applied).
+    pub encryption: Option<EncryptionInfo>,
     /// Labels recorded with the object.
     pub labels: BTreeMap<String, String>,
     /// Where a store that can resume keeps its progress (S3: upload id and finished parts).
@@ -260,6 +267,7 @@ mod tests {
             size: 10,
             sha256: "ab".into(),
             compression: Compression::Zstd,
+            encryption: None,
             part_size: Some(5),
             part_sha256: vec!["x".into(), "y".into()],
             stored_at: now_rfc3339(),

@@ -278,9 +278,10 @@ impl S3Store {
                     .bucket(&inner.bucket)
                     .key(key)
                     .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                    .content_type(match req.compression {
-                        Compression::None => "application/x-tar",
-                        Compression::Zstd => "application/zstd",
+                    .content_type(match (&req.encryption, req.compression) {
+                        (Some(_), _) => "application/octet-stream",
+                        (None, Compression::None) => "application/x-tar",
+                        (None, Compression::Zstd) => "application/zstd",
                     })
                     .metadata(
                         "kybernate-compression",
@@ -290,6 +291,9 @@ impl S3Store {
                             .unwrap_or_default(),
                     )
                     .metadata("kybernate-part-size", inner.opts.part_size.to_string());
+                if let Some(e) = &req.encryption {
+                    rq = rq.metadata("kybernate-encryption-key-id", e.key_id.to_string());
+                }
                 for (k, v) in &req.labels {
                     if v.is_ascii() && !v.chars().any(|c| c.is_ascii_control()) {
                         rq = rq.metadata(format!("kybernate-{k}"), v);
@@ -721,6 +725,7 @@ impl Store for S3Store {
             size,
             sha256,
             compression: req.compression,
+            encryption: req.encryption.clone(),
             part_size: Some(inner.opts.part_size),
             part_sha256,
             stored_at: now_rfc3339(),

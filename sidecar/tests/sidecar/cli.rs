@@ -279,3 +279,96 @@ fn pull_takes_a_containers_bundle_from_the_newest_pod_checkpoint_or_says_it_is_n
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(tree(&dest), tree(&ckpt.path().join(format!("ns/web/side/{t1}"))));
 }
+
+/// Encryption from the command line: keygen, key files (refused unless private), the key in the
+/// environment, wrong and missing keys (exit status 1, nothing at the destination, no key text in
+/// the output), pod references to encrypted archives, require_encryption.
+#[test]
+fn encrypted_push_and_pull_with_key_files_and_the_environment() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let ckpt = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", store_dir.path().display());
+    let keys = tempfile::tempdir().unwrap();
+    let (key_a, key_b) = (keys.path().join("a.key"), keys.path().join("b.key"));
+    let id_of = |out: &str| out.trim().rsplit_once("key id ").unwrap().1.trim_end_matches(')').to_string();
+    let id_a = id_of(&ok(sidecar(ckpt.path(), &store).arg("keygen").arg("--out").arg(&key_a)));
+    let id_b = id_of(&ok(sidecar(ckpt.path(), &store).arg("keygen").arg("--out").arg(&key_b)));
+    assert_eq!(std::fs::metadata(&key_a).unwrap().permissions().mode() & 0o777, 0o600);
+    let text_a = std::fs::read_to_string(&key_a).unwrap();
+    let err = fails(sidecar(ckpt.path(), &store).arg("keygen").arg("--out").arg(&key_a));
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&key_a).unwrap(), text_a, "keygen never replaces a key");
+
+    let r = "team/web-0/app/2024-04-01T08:00:00Z";
+    let bundle = make_bundle(ckpt.path(), r, 3 * MIB, 800, true);
+    let with_key = |file: &Path| {
+        let mut c = sidecar(ckpt.path(), &store);
+        c.arg("--encryption-key-file").arg(file);
+        c
+    };
+
+    std::fs::set_permissions(&key_a, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = fails(with_key(&key_a).arg("push").arg(&bundle));
+    assert!(err.contains(&format!("chmod 600 {}", key_a.display())), "{err}");
+    std::fs::set_permissions(&key_a, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = ok(with_key(&key_a).arg("push").arg(&bundle));
+    assert!(out.contains(".tar.zst.kenc (") && out.contains(&format!("encrypted with key id {id_a}")), "{out}");
+    assert_eq!(ls(ckpt.path(), &store), [format!("{r}.tar.zst.kenc")]);
+
+    let reference = format!("{store}/{r}.tar.zst.kenc");
+    let dest = tempfile::tempdir().unwrap();
+    let target = dest.path().join("restored");
+    let nothing_written = || assert_eq!(listing(dest.path()), Vec::<String>::new(), "nothing written");
+
+    let out = run(sidecar(ckpt.path(), &store).args(["pull", &reference]).arg(&target));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("encrypted (key id {id_a}), but no decryption key is configured")), "{err}");
+    nothing_written();
+
+    let out = run(sidecar(ckpt.path(), &store)
+        .env("KYBERNATE_ENCRYPTION_KEY", std::fs::read_to_string(&key_b).unwrap())
+        .args(["pull", &reference])
+        .arg(&target));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("encrypted with key id {id_a}, which is none of the configured keys ({id_b})")),
+        "{err}"
+    );
+    assert!(!err.contains(text_a.trim()) && !err.contains(std::fs::read_to_string(&key_b).unwrap().trim()), "{err}");
+    nothing_written();
+
+    // The key itself in the environment (a Kubernetes Secret through secretKeyRef).
+    let out = ok(sidecar(ckpt.path(), &store)
+        .env("KYBERNATE_ENCRYPTION_KEY", &text_a)
+        .args(["pull", &reference])
+        .arg(&target));
+    assert_eq!(out.trim(), target.display().to_string());
+    assert_eq!(tree(&target), tree(&bundle));
+    let err = fails(with_key(&key_a).env("KYBERNATE_ENCRYPTION_KEY", &text_a).arg("ls"));
+    assert!(err.contains("set one of them"), "{err}");
+
+    // A pod reference finds the encrypted archive of the container; an older key still decrypts it.
+    let pod = store_dir.path().join("team/web-0").display().to_string();
+    let pod_target = dest.path().join("pod-restored");
+    ok(with_key(&key_b)
+        .arg("--decryption-key-file")
+        .arg(&key_a)
+        .args(["pull", "--container", "app", &pod])
+        .arg(&pod_target));
+    assert_eq!(tree(&pod_target), tree(&bundle));
+
+    // require_encryption: an unencrypted archive is refused.
+    let plain = make_bundle(ckpt.path(), "team/web-0/app/2024-04-02T08:00:00Z", 64 << 10, 801, true);
+    ok(sidecar(ckpt.path(), &store).arg("push").arg(&plain));
+    let plain_ref = format!("{store}/team/web-0/app/2024-04-02T08:00:00Z.tar.zst");
+    let err =
+        fails(with_key(&key_a).args(["--require-encryption", "true", "pull", &plain_ref]).arg(dest.path().join("p")));
+    assert!(err.contains("is not encrypted, and require_encryption is set"), "{err}");
+    assert!(!dest.path().join("p").exists());
+    let err = fails(sidecar(ckpt.path(), &store).args(["--require-encryption", "true", "ls"]));
+    assert!(err.contains("require_encryption") && err.contains("needs an encryption key"), "{err}");
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use checkpoint_core::bundle;
 use checkpoint_core::reference::BundleRef;
 use kybernate_sidecar::archive::{ArchiveOptions, Compression, Progress};
+use kybernate_sidecar::crypt::Keyring;
 use kybernate_sidecar::parse_reference;
 use kybernate_sidecar::retry::RetryPolicy;
 use kybernate_sidecar::ship::{ShipOptions, StateDir};
@@ -102,6 +103,7 @@ pub fn ship_opts(checkpoint_dir: &Path, compression: Compression) -> ShipOptions
         state: StateDir::for_checkpoint_dir(checkpoint_dir),
         force: false,
         progress: None,
+        keys: Keyring::default(),
     }
 }
 

@@ -251,6 +251,7 @@ async fn fetch_refuses_a_hostile_object_with_a_valid_record() {
         size: archive.len() as u64,
         sha256: hex::encode(Sha256::digest(&archive)),
         compression: Compression::None,
+        encryption: None,
         part_size: None,
         part_sha256: vec![],
         stored_at: "2024-01-01T00:00:00Z".into(),

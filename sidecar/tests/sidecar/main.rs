@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod daemon;
+mod encryption;
 mod hostile;
 mod roundtrip;
 mod s3;

@@ -157,13 +157,18 @@ async fn incomplete_bundle_is_never_shipped_nor_restored() {
 
     // An archive of an incomplete bundle that reached a store anyway is refused at restore.
     let key = "ns/pod/ctr/incomplete.tar";
-    let body =
-        archive_bundle(&bundle, &ArchiveOptions { compression: Compression::None, ..ArchiveOptions::default() }, None);
+    let body = archive_bundle(
+        &bundle,
+        &ArchiveOptions { compression: Compression::None, ..ArchiveOptions::default() },
+        None,
+        None,
+    );
     store
         .put(
             &PutRequest {
                 key: key.into(),
                 compression: Compression::None,
+                encryption: None,
                 labels: Default::default(),
                 resume_file: None,
             },

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kybernate_sidecar::archive::Compression;
+use kybernate_sidecar::crypt::{Key, Keyring};
 use kybernate_sidecar::fetch::{fetch_bundle, FetchOptions};
 use kybernate_sidecar::retry::RetryPolicy;
 use kybernate_sidecar::ship::{ship_bundle, ShipOutcome};
@@ -50,9 +51,9 @@ async fn advance_until_parts(gate: &Gate, resume: &std::path::Path, min_parts: u
     }
 }
 
-async fn assert_pulls_identical(server: &S3Server, key: &str, original: &std::path::Path) {
+async fn assert_pulls_identical(server: &S3Server, key: &str, original: &std::path::Path, keys: Keyring) {
     let dest = tempfile::tempdir().unwrap();
-    let fetch = FetchOptions { s3: server.options(SECRET_KEY), ..FetchOptions::default() };
+    let fetch = FetchOptions { s3: server.options(SECRET_KEY), keys, ..FetchOptions::default() };
     let got = fetch_bundle(&bundle_ref(&format!("s3://{BUCKET}/{key}")), dest.path(), &fetch).await.unwrap();
     assert_eq!(tree(&got), tree(original));
 }
@@ -88,12 +89,13 @@ async fn upload_rides_through_a_server_restart() {
     assert!(object.meta.part_sha256.len() >= 8, "several parts: {}", object.meta.part_sha256.len());
     assert!(!resume.exists(), "resume file removed after commit");
     assert!(opts.state.shipped(REL).unwrap().is_some());
-    assert_pulls_identical(&server, &object.key, &bundle).await;
+    assert_pulls_identical(&server, &object.key, &bundle, Keyring::default()).await;
 }
 
 /// The server dies mid-upload and stays down: the push fails, the bundle and the resume file are
-/// kept, and the next push after the server is back resumes, sending only the missing parts.
-async fn resume_after_failed_push(compression: Compression) {
+/// kept, and the next push after the server is back resumes, sending only the missing parts. An
+/// encrypted upload resumes too: the retry re-encrypts under the nonce of the first attempt.
+async fn resume_after_failed_push(compression: Compression, keys: Keyring) {
     const MIN_PARTS: usize = 3;
     let mut server = S3Server::start();
     let impatient =
@@ -102,6 +104,7 @@ async fn resume_after_failed_push(compression: Compression) {
     let bundle = make_bundle(ckpt.path(), REL, IMAGE_BYTES, 12, true);
     let before = tree(&bundle);
     let mut opts = ship_opts(ckpt.path(), compression);
+    opts.keys = keys.clone();
     let gate = Gate::new((8 * MIB) as u64);
     opts.progress = Some(gate.progress());
     let resume = opts.state.resume_path(REL);
@@ -133,17 +136,25 @@ async fn resume_after_failed_push(compression: Compression) {
         started.elapsed()
     );
     assert!(!resume.exists());
-    assert_pulls_identical(&server, &object.key, &bundle).await;
+    assert!(!opts.state.sealing_path(REL).exists());
+    assert_eq!(object.meta.encryption.map(|e| e.key_id), keys.encryption_key().map(|k| k.id()));
+    assert_pulls_identical(&server, &object.key, &bundle, keys).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_push_resumes_plain_tar() {
-    resume_after_failed_push(Compression::None).await;
+    resume_after_failed_push(Compression::None, Keyring::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_push_resumes_zstd() {
-    resume_after_failed_push(Compression::Zstd).await;
+    resume_after_failed_push(Compression::Zstd, Keyring::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_push_resumes_encrypted_zstd() {
+    let key = Arc::new(Key::generate().unwrap());
+    resume_after_failed_push(Compression::Zstd, Keyring::new(Some(key), vec![], false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

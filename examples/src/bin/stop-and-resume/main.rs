@@ -1,6 +1,7 @@
 //! The Kybernate story on a private containerd: a container that opted in with
 //! `kybernate.io/checkpoint-on-stop` is stopped with `ctr t kill`, the shim checkpoints it into the node
-//! checkpoint directory before it exits, the sidecar ships the bundle to the local (filesystem) store,
+//! checkpoint directory before it exits, the sidecar ships the bundle encrypted to the local
+//! (filesystem) store,
 //! and a new container started with `kybernate.io/restore-from` naming the archive in that store is
 //! fetched back by the shim — its signature, tenant and hashes checked — and resumes its counter where
 //! it stopped. Run as root after `make deps`
@@ -42,11 +43,24 @@ fn main() -> Result<()> {
     let store = dir.path().join("store");
     // The node's signing key is the default one `make deps` created; restores may come from the
     // demo's checkpoint directory and store only.
+    // The shim fetches with the sidecar, which needs the store key: a wrapper hands it over, as a
+    // node's /etc/kybernate/sidecar.toml (or a Secret in the environment) would.
+    let store_key = dir.path().join("store.key");
+    let fetcher = dir.path().join("kybernate-sidecar");
+    fs::write(
+        &fetcher,
+        format!(
+            "#!/bin/sh\nexport KYBERNATE_ENCRYPTION_KEY_FILE={}\nexec {} \"$@\"\n",
+            store_key.display(),
+            sidecar.display()
+        ),
+    )?;
+    fs::set_permissions(&fetcher, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let shim_settings = format!(
         "checkpoint_dir = \"{}\"\nrestore_dir = \"{}\"\nsidecar_binary = \"{}\"\nrestore_roots = [\"{}\", \"{}\"]\n",
         checkpoints.display(),
         dir.path().join("restore").display(),
-        sidecar.display(),
+        fetcher.display(),
         checkpoints.display(),
         store.display()
     );
@@ -96,13 +110,21 @@ fn main() -> Result<()> {
         println!("    {name:<16} {size:>8} bytes");
     }
 
-    println!("==> kybernate-sidecar push: the bundle goes to the local store {}", store.display());
+    println!("==> kybernate-sidecar keygen: a key to encrypt what goes to the store");
+    let keygen = Command::new(&sidecar).arg("keygen").arg("--out").arg(&store_key).output()?;
+    if !keygen.status.success() {
+        bail!("kybernate-sidecar keygen failed: {}", String::from_utf8_lossy(&keygen.stderr));
+    }
+    println!("    {}", String::from_utf8_lossy(&keygen.stdout).trim());
+    println!("==> kybernate-sidecar push: the bundle goes, encrypted, to the local store {}", store.display());
     let started = Instant::now();
     let push = Command::new(&sidecar)
         .arg("--checkpoint-dir")
         .arg(&checkpoints)
         .arg("--store")
         .arg(&store)
+        .arg("--encryption-key-file")
+        .arg(&store_key)
         .arg("push")
         .arg(&bundle_dir)
         .output()?;
@@ -110,13 +132,17 @@ fn main() -> Result<()> {
         bail!("kybernate-sidecar push failed: {}", String::from_utf8_lossy(&push.stderr));
     }
     println!("    {} ({:.2?})", String::from_utf8_lossy(&push.stdout).trim(), started.elapsed());
-    // <store>/<bundle path>.tar[.zst], next to its <...>.meta.json record
+    // <store>/<bundle path>.tar[.zst][.kenc], next to its <...>.meta.json record
     let stem = store.join(bundle_dir.strip_prefix(&checkpoints)?);
-    let archive = [".tar.zst", ".tar"]
-        .map(|suffix| PathBuf::from(format!("{}{suffix}", stem.display())))
-        .into_iter()
-        .find(|p| p.is_file())
-        .with_context(|| format!("the sidecar wrote no archive at {}.tar[.zst]", stem.display()))?;
+    let (parent, name) = (stem.parent().context("the store path")?, stem.file_name().context("the bundle name")?);
+    let archive = fs::read_dir(parent)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let file = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            file.starts_with(&*name.to_string_lossy()) && checkpoint_core::pod::is_archive(file)
+        })
+        .with_context(|| format!("the sidecar wrote no archive at {}.tar…", stem.display()))?;
     fs::remove_dir_all(&bundle_dir)?;
     println!("    local bundle removed: the restore must come from the store");
 
