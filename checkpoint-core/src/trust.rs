@@ -68,7 +68,13 @@ impl SigningKey {
     /// Reads a PKCS#8 PEM private key, which must be readable by its owner only.
     pub fn load(path: &Path) -> Result<Self> {
         let meta = fs::metadata(path).map_err(|e| {
-            key_error(path, format!("{e}; create it with `kybernate-sidecar keygen --signing {}`", path.display()))
+            key_error(
+                path,
+                format!(
+                    "{e}; create it with `make deps` or `kybernate-sidecar keygen --signing --out {}`",
+                    path.display()
+                ),
+            )
         })?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(key_error(

@@ -92,11 +92,36 @@ enum Command {
     },
     /// Watch the checkpoint directory and ship every bundle whose COMPLETE appears.
     Daemon,
-    /// Write a new random encryption key to a file (mode 0600; never replaces an existing file).
+    /// Write a new random key to a file (mode 0600; never replaces an existing file): a store
+    /// encryption key, or with `--signing` a node's ed25519 signing key (its public half beside it,
+    /// `<out>.pub` with the extension replaced).
     Keygen {
         /// The key file to create.
         #[arg(long)]
         out: PathBuf,
+        /// An ed25519 signing key (PKCS#8 PEM) for the shim's `signing_key`, or a grant key.
+        #[arg(long)]
+        signing: bool,
+    },
+    /// Issue a restore grant (what the operator does): containers of tenant `--to` may restore
+    /// bundles of tenant `--from`. Prints the token for the pod annotation kybernate.io/restore-grant;
+    /// nodes accept it when `--key`'s public half is in their `grant_keys`.
+    Grant {
+        /// The grant signing key (PKCS#8 PEM, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Whose bundles: `k8s/<namespace>` or `containerd/<namespace>`.
+        #[arg(long)]
+        from: String,
+        /// Who may restore them.
+        #[arg(long)]
+        to: String,
+        /// Only a restore from exactly this reference.
+        #[arg(long)]
+        reference: Option<String>,
+        /// How long the grant is valid (`1h`, `30m`); forever when absent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        valid_for: Option<std::time::Duration>,
     },
 }
 
@@ -153,10 +178,38 @@ fn progress_bar(total: u64, verb: &str) -> Option<(ProgressBar, Progress)> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Keygen { out } = &cli.command {
-        let id = write_new_key(out)?;
-        println!("wrote a new encryption key to {} (key id {id})", out.display());
-        return Ok(());
+    match &cli.command {
+        Command::Keygen { out, signing: false } => {
+            let id = write_new_key(out)?;
+            println!("wrote a new encryption key to {} (key id {id})", out.display());
+            return Ok(());
+        }
+        Command::Keygen { out, signing: true } => {
+            let key = checkpoint_core::trust::SigningKey::generate()?;
+            let public = out.with_extension("pub");
+            key.write(out, &public)?;
+            println!(
+                "wrote a new signing key to {} and its public half to {} (key id {})",
+                out.display(),
+                public.display(),
+                key.id()
+            );
+            return Ok(());
+        }
+        Command::Grant { key, from, to, reference, valid_for } => {
+            let key = checkpoint_core::trust::SigningKey::load(key)?;
+            let not_after =
+                valid_for.map(|d| humantime::format_rfc3339_seconds(std::time::SystemTime::now() + d).to_string());
+            let grant = checkpoint_core::tenant::Grant {
+                from: checkpoint_core::tenant::Tenant::parse(from)?,
+                to: checkpoint_core::tenant::Tenant::parse(to)?,
+                reference: reference.clone(),
+                not_after,
+            };
+            println!("{}", grant.issue(&key));
+            return Ok(());
+        }
+        _ => {}
     }
     let (path, required) = match &cli.config {
         Some(p) => (p.clone(), true),
@@ -243,7 +296,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Daemon::new(config, store).run(Some(listener), shutdown_signal()).await?;
             Ok(())
         }
-        Command::Keygen { .. } => unreachable!("keygen returns before the settings are resolved"),
+        Command::Keygen { .. } | Command::Grant { .. } => {
+            unreachable!("keygen and grant return before the settings are resolved")
+        }
     }
 }
 

@@ -372,3 +372,32 @@ fn encrypted_push_and_pull_with_key_files_and_the_environment() {
     let err = fails(sidecar(ckpt.path(), &store).args(["--require-encryption", "true", "ls"]));
     assert!(err.contains("require_encryption") && err.contains("needs an encryption key"), "{err}");
 }
+
+#[test]
+fn keygen_makes_signing_keys_and_grant_issues_tokens_the_nodes_accept() {
+    use checkpoint_core::tenant::{Access, Tenant, TenantPolicy};
+    use checkpoint_core::trust::TrustedKeys;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("grant.key");
+    let said = ok(sidecar(dir.path(), "file:///nonexistent").args(["keygen", "--signing", "--out"]).arg(&key));
+    assert!(said.contains("grant.key") && said.contains("grant.pub"), "{said}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let err = fails(sidecar(dir.path(), "file:///nonexistent").args(["keygen", "--signing", "--out"]).arg(&key));
+    assert!(err.contains("never replaced"), "{err}");
+
+    let token = ok(sidecar(dir.path(), "file:///nonexistent")
+        .args(["grant", "--from", "k8s/team-a", "--to", "k8s/team-b", "--valid-for", "1h", "--key"])
+        .arg(&key));
+    let policy =
+        TenantPolicy { grants: vec![], grant_keys: TrustedKeys::load(&[dir.path().join("grant.pub")], false).unwrap() };
+    let (a, b) = (Tenant::Kubernetes("team-a".into()), Tenant::Kubernetes("team-b".into()));
+    assert!(matches!(policy.check(&a, &b, "s3://b/x", Some(token.trim())).unwrap(), Access::Granted(_)));
+    assert!(policy.check(&b, &a, "s3://b/x", Some(token.trim())).is_err(), "only the pair it names");
+    let err = fails(
+        sidecar(dir.path(), "file:///nonexistent")
+            .args(["grant", "--from", "team-a", "--to", "k8s/team-b", "--key"])
+            .arg(&key),
+    );
+    assert!(err.contains("must be k8s/<namespace> or containerd/<namespace>"), "{err}");
+}
