@@ -75,6 +75,16 @@ impl Metrics {
         self.in_flight.store(n as u64, Ordering::Relaxed);
     }
 
+    /// Bundles waiting (queued or waiting to be retried) now.
+    pub fn queue_length(&self) -> u64 {
+        self.queue_length.load(Ordering::Relaxed)
+    }
+
+    /// Uploads running now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Bundles shipped so far.
     pub fn bundles_shipped(&self) -> u64 {
         self.bundles_shipped.load(Ordering::Relaxed)

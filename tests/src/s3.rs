@@ -115,3 +115,118 @@ impl Drop for S3Server {
         self.stop();
     }
 }
+
+/// What [`FaultProxy`] does with one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answers the first request with `500 Internal Server Error` (S3's `InternalError`) and closes.
+    InternalError,
+    /// Reads what the client sends and never answers, until the client gives up.
+    Stall,
+}
+
+/// A TCP proxy on loopback in front of an S3 server that injects faults into the connections it is
+/// told to, and passes every other connection through untouched. Clients drop a connection after an
+/// error, so each retry is a new connection: a queue of faults hits exactly that many attempts.
+pub struct FaultProxy {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    plan: std::sync::Arc<std::sync::Mutex<FaultPlan>>,
+}
+
+#[derive(Default)]
+struct FaultPlan {
+    next: std::collections::VecDeque<Fault>,
+    always: Option<Fault>,
+    served: usize,
+    passed: usize,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream_port` on 127.0.0.1 (the proxy runs until the test process ends;
+    /// a connection it holds ends when its client closes it).
+    pub fn start(upstream_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let plan = std::sync::Arc::new(std::sync::Mutex::new(FaultPlan::default()));
+        let shared = std::sync::Arc::clone(&plan);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let fault = {
+                    let mut plan = shared.lock().unwrap();
+                    let fault = plan.next.pop_front().or(plan.always);
+                    match fault {
+                        Some(_) => plan.served += 1,
+                        None => plan.passed += 1,
+                    }
+                    fault
+                };
+                std::thread::spawn(move || serve(client, fault, upstream_port));
+            }
+        });
+        FaultProxy { port, plan }
+    }
+
+    /// Its endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The next connections get these faults, in order; later ones pass.
+    pub fn fail_next(&self, faults: &[Fault]) {
+        self.plan.lock().unwrap().next.extend(faults.iter().copied());
+    }
+
+    /// Every connection from now on gets `fault` (`None`: none do).
+    pub fn always(&self, fault: Option<Fault>) {
+        self.plan.lock().unwrap().always = fault;
+    }
+
+    /// How many connections got a fault, and how many were passed through.
+    pub fn counts(&self) -> (usize, usize) {
+        let plan = self.plan.lock().unwrap();
+        (plan.served, plan.passed)
+    }
+}
+
+fn serve(mut client: TcpStream, fault: Option<Fault>, upstream_port: u16) {
+    use std::io::{Read, Write};
+    match fault {
+        Some(Fault::InternalError) => {
+            // the request line and headers, then the answer; a body the client still sends is dropped
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InternalError</Code>\
+                        <Message>injected by the test's fault proxy</Message></Error>";
+            let answer = format!(
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.write_all(answer.as_bytes());
+            let _ = client.shutdown(std::net::Shutdown::Both);
+        }
+        Some(Fault::Stall) => {
+            let mut buf = [0u8; 65536];
+            while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        None => {
+            let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)) else { return };
+            let (mut up_read, mut client_write) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
+            let back = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up_read, &mut client_write);
+                let _ = client_write.shutdown(std::net::Shutdown::Write);
+            });
+            let mut up_write = upstream;
+            let _ = std::io::copy(&mut client, &mut up_write);
+            let _ = up_write.shutdown(std::net::Shutdown::Write);
+            let _ = back.join();
+        }
+    }
+}

@@ -236,8 +236,11 @@ fn daemon_process_survives_sigkill() {
     wait_for("the shipment to be counted", Duration::from_secs(10), || {
         metrics(port).contains("kybernate_sidecar_bundles_shipped_total 1\n")
     });
-    // Still 1 a moment later: the first bundle was not shipped again.
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing queued or in flight: the first bundle was not shipped again, and will not be.
+    wait_for("the daemon to be idle", Duration::from_secs(10), || {
+        let m = metrics(port);
+        m.contains("kybernate_sidecar_queue_length 0\n") && m.contains("kybernate_sidecar_uploads_in_flight 0\n")
+    });
     let m = metrics(port);
     assert!(m.contains("kybernate_sidecar_bundles_shipped_total 1\n"), "only the new bundle: {m}");
     assert_eq!(ls(ckpt.path(), &store), [format!("{r1}.tar.zst"), format!("{r2}.tar.zst")]);

@@ -17,7 +17,7 @@ use kybernate_sidecar::ship::{ShipOptions, StateDir};
 use kybernate_sidecar::store::{S3Options, StaticCredentials};
 use sha2::{Digest, Sha256};
 
-pub use kybernate_tests::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
+pub use kybernate_tests::s3::{Fault, FaultProxy, S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 pub const MIB: usize = 1 << 20;
 
 /// Writes a bundle at `root/rel` laid out like the shim's: CRIU images and dumps, sealed (manifest

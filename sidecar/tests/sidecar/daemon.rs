@@ -141,8 +141,10 @@ async fn ships_on_complete_never_before_and_serves_metrics() {
     })
     .await;
 
-    // Without COMPLETE, nothing happens, however long we wait (rescans included).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Without COMPLETE, nothing happens: with nothing queued or in flight, the daemon has done all it
+    // will do until the directory changes.
+    let idle = || running.metrics.queue_length() == 0 && running.metrics.in_flight() == 0;
+    wait_for_async("the daemon to be idle", Duration::from_secs(30), idle).await;
     assert!(opts.state.shipped(&rel(1)).unwrap().is_none());
     assert!(!store.puts().contains(&format!("{}.tar.zst", rel(1))));
     assert_eq!(store.list("").await.unwrap().len(), 2);

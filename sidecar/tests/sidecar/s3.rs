@@ -237,3 +237,58 @@ async fn corrupted_object_is_rejected_fs_and_s3() {
     assert!(matches!(err, Error::Integrity { .. } | Error::Transfer { .. }), "{err:?}");
     assert!(!dest.path().join(REL).exists());
 }
+
+/// The store behind a fault proxy: its options point at the proxy, with `retry` and a short attempt
+/// timeout, so a stalled attempt is given up and retried.
+async fn s3_store_via(server: &S3Server, proxy: &FaultProxy, retry: RetryPolicy) -> S3Store {
+    let mut opts = server.options(SECRET_KEY);
+    opts.endpoint = Some(proxy.endpoint());
+    opts.retry = retry;
+    opts.attempt_timeout = Duration::from_secs(2);
+    S3Store::connect(BUCKET.into(), String::new(), opts).await.unwrap()
+}
+
+/// S3 answering 500 twice and then stalling a request: each is retried on a new connection, and the
+/// push completes with an object that pulls back identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_errors_and_a_stall_are_retried_and_the_push_completes() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.port);
+    let retry =
+        RetryPolicy { max_attempts: 6, base_delay: Duration::from_millis(50), max_delay: Duration::from_millis(200) };
+    let store = s3_store_via(&server, &proxy, retry).await;
+    let ckpt = tempfile::tempdir().unwrap();
+    let bundle = make_bundle(ckpt.path(), REL, 12 * MIB, 21, true);
+    let opts = ship_opts(ckpt.path(), Compression::None);
+    proxy.fail_next(&[Fault::InternalError, Fault::InternalError, Fault::Stall]);
+    let outcome = ship_bundle(&store, &bundle, REL, &opts).await.expect("the push rides through the faults");
+    let ShipOutcome::Shipped { object, .. } = outcome else { panic!("{outcome:?}") };
+    let (faulted, passed) = proxy.counts();
+    assert_eq!(faulted, 3, "every injected fault hit an attempt");
+    assert!(passed >= 1);
+    assert!(opts.state.shipped(REL).unwrap().is_some());
+    assert_pulls_identical(&server, &object.key, &bundle, Keyring::default()).await;
+}
+
+/// S3 answering 500 to everything: the push fails naming the error once its attempts are spent, the
+/// local bundle is kept as it was, and nothing is recorded as shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_s3_errors_fail_the_push_and_keep_the_local_bundle() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.port);
+    proxy.always(Some(Fault::InternalError));
+    let retry =
+        RetryPolicy { max_attempts: 3, base_delay: Duration::from_millis(20), max_delay: Duration::from_millis(50) };
+    let store = s3_store_via(&server, &proxy, retry).await;
+    let ckpt = tempfile::tempdir().unwrap();
+    let bundle = make_bundle(ckpt.path(), REL, 8 * MIB, 22, true);
+    let before = tree(&bundle);
+    let opts = ship_opts(ckpt.path(), Compression::None);
+    let err = ship_bundle(&store, &bundle, REL, &opts).await.expect_err("every request fails");
+    let text = format!("{err:#}");
+    assert!(text.contains("InternalError") || text.contains("500"), "the error names what S3 said: {text}");
+    assert_eq!(tree(&bundle), before, "the local bundle is kept");
+    assert!(opts.state.shipped(REL).unwrap().is_none(), "not recorded as shipped");
+    assert!(proxy.counts().0 >= 3, "it retried: {:?}", proxy.counts());
+    checkpoint_core::bundle::verify(&bundle).expect("the bundle still verifies");
+}
