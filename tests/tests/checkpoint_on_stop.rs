@@ -115,15 +115,7 @@ fn a_budget_spent_before_the_dump_abandons_the_checkpoint_and_the_container_stop
 fn a_corrupt_bundle_is_refused_clearly_or_skipped_with_fallback_fresh() {
     let (c, image) = setup_with(CHECKPOINTS);
     let (bundle_dir, last) = checkpointed_bundle(&c, image, "src");
-    let pages = fs::read_dir(bundle_dir.join("checkpoint"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
-        .unwrap();
-    let mut bytes = fs::read(&pages).unwrap();
-    bytes[0] ^= 0xff;
-    fs::write(&pages, bytes).unwrap();
+    corrupt_pages(&bundle_dir);
 
     let restore = format!("kybernate.io/restore-from={}", bundle_dir.display());
     let out = ctr_run(&c, &["-d", "--annotation", &restore], image, "bad", &["sh", "-c", COUNTER_SCRIPT]).unwrap();

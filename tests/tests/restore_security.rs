@@ -115,15 +115,7 @@ fn a_rewritten_manifest_or_an_untrusted_signer_is_refused_by_the_signature() {
     // Crafted images: a page image changed, its hash in the manifest updated and COMPLETE recomputed.
     // The hash chain holds again; only the signature tells.
     let crafted = forge("crafted");
-    let pages = fs::read_dir(crafted.join("checkpoint"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
-        .unwrap();
-    let mut bytes = fs::read(&pages).unwrap();
-    bytes[0] ^= 0xff;
-    fs::write(&pages, &bytes).unwrap();
+    let (pages, bytes) = corrupt_pages(&crafted);
     let mut manifest = bundle::verify(&bundle_dir).unwrap();
     let rel = pages.strip_prefix(&crafted).unwrap().display().to_string();
     manifest.files.get_mut(&rel).unwrap().sha256 = hex::encode(sha2::Sha256::digest(&bytes));

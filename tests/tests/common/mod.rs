@@ -246,3 +246,17 @@ pub fn cgroup_pids(ns: &str, id: &str) -> Vec<i32> {
         })
         .collect()
 }
+
+/// Corrupts the bundle's first CRIU page image (its first byte flipped); its path and new contents.
+pub fn corrupt_pages(bundle_dir: &Path) -> (PathBuf, Vec<u8>) {
+    let pages = fs::read_dir(bundle_dir.join("checkpoint"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
+        .unwrap();
+    let mut bytes = fs::read(&pages).unwrap();
+    bytes[0] ^= 0xff;
+    fs::write(&pages, &bytes).unwrap();
+    (pages, bytes)
+}
