@@ -57,42 +57,10 @@ pub const TAG_LEN: usize = 16;
 /// Length of the header.
 pub const HEADER_LEN: usize = MAGIC.len() + KEY_ID_LEN + NONCE_PREFIX_LEN + 4;
 
-const KEY_ID_LEN: usize = 8;
 const KEY_ID_DOMAIN: &[u8] = b"kybernate-sidecar archive encryption key id v1\0";
 
-/// The public name of a key: the first 8 bytes of SHA-256 over a domain string and the key,
-/// shown as 16 hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct KeyId([u8; KEY_ID_LEN]);
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({self})")
-    }
-}
-
-impl TryFrom<String> for KeyId {
-    type Error = String;
-
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        let mut id = [0u8; KEY_ID_LEN];
-        hex::decode_to_slice(&s, &mut id).map_err(|_| format!("`{s}` is not a key id (16 hex digits)"))?;
-        Ok(KeyId(id))
-    }
-}
-
-impl From<KeyId> for String {
-    fn from(id: KeyId) -> String {
-        id.to_string()
-    }
-}
+pub use crate::key_id::KeyId;
+use crate::key_id::KEY_ID_LEN;
 
 /// A 32-byte archive key. Zeroized on drop; `Debug` shows only its [`KeyId`].
 pub struct Key {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::crypt::KeyId;
+use crate::key_id::KeyId;
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -23,6 +23,7 @@ pub mod extract;
 pub mod fetch;
 mod fsutil;
 pub mod gc;
+mod key_id;
 pub mod metrics;
 pub mod retry;
 pub mod ship;
