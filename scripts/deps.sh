@@ -99,6 +99,15 @@ SOURCES
   say "containerd 1.7: $("$CONTAINERD17_DIR/usr/bin/containerd" --version)"
 fi
 
+# kubectl renders deploy/ with its built-in kustomize in the tests (Debian's kubernetes-client, unless
+# a kubectl is installed already).
+if command -v kubectl >/dev/null; then
+  say "kubectl: $(command -v kubectl)"
+else
+  say "installing kubernetes-client (kubectl with kustomize)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+
 # The node's signing key (docs/security.md): the shim signs every bundle it seals with it and restores
 # only bundles signed by it or by a key in the trusted directory. Never replaced once it exists.
 KEYS=/etc/kybernate/keys
