@@ -55,6 +55,12 @@ fn the_deploy_base_renders_and_every_object_is_valid_for_its_kind() {
             other => panic!("deploy/ renders a {other} ({name}) this test does not know: add its type here"),
         };
         assert_eq!(back, numbers_as_floats(object.clone()), "{kind} {name} has fields Kubernetes does not know");
+        if kind == "CustomResourceDefinition" {
+            let generated = kybernate_api::crds().into_iter().find(|(_, c)| c.metadata.name.as_deref() == Some(name));
+            let generated =
+                generated.unwrap_or_else(|| panic!("deploy/ renders CRD {name}, which api/ does not define"));
+            assert_eq!(back, numbers_as_floats(serde_json::to_value(generated.1).unwrap()), "{name} is stale");
+        }
         kinds.push(kind);
     }
     kinds.sort_unstable();
