@@ -8,8 +8,9 @@
 //! or without the restore, with a warning.
 //!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
-//! from), [`admission`] (the AdmissionReview answer).
+//! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks).
 
 pub mod admission;
 pub mod identity;
 pub mod selector;
+pub mod store_index;
