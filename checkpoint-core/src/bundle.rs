@@ -251,15 +251,21 @@ fn bundle_error(dir: &Path, reason: impl Into<String>) -> Error {
     Error::Bundle { path: dir.to_path_buf(), reason: reason.into() }
 }
 
+/// The files Kybernate adds beside a bundle's contents: the manifest, its signature, the markers.
+const KYBERNATE_FILES: [&str; 6] =
+    [MANIFEST_FILE, SIGNATURE_FILE, COMPLETE_MARKER, FAILED_MARKER, PARTIAL_MARKER, IN_PROGRESS_MARKER];
+
 fn is_marker_or_manifest(rel: &str) -> bool {
-    matches!(
-        rel,
-        MANIFEST_FILE | SIGNATURE_FILE | COMPLETE_MARKER | FAILED_MARKER | PARTIAL_MARKER | IN_PROGRESS_MARKER
-    )
+    KYBERNATE_FILES.contains(&rel)
+}
+
+/// Whether Kybernate wrote (or began writing) `dir`: it has a manifest, a signature or a marker.
+pub(crate) fn has_kybernate_files(dir: &Path) -> bool {
+    KYBERNATE_FILES.iter().any(|f| dir.join(f).exists())
 }
 
 /// Relative paths of the regular files below `dir`, sorted; links and special files are refused.
-fn list_files(dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn list_files(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel_dir) = stack.pop() {

@@ -182,6 +182,7 @@ impl Spawner {
             stderr: e.to_string(),
             timed_out: false,
         })?;
+        let program = cmd.get_program().to_os_string();
         // Our copies of the child's stdio must be closed now, or pipes it shares never see EOF.
         drop(cmd);
         let reader = child.stderr.take().map(|mut err| {
@@ -191,27 +192,15 @@ impl Spawner {
                 text
             })
         });
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut timed_out = false;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Ok(status),
-                Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                    timed_out = true;
-                    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
-                    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
-                    let _ = child.kill();
-                    break child.wait();
-                }
-                Ok(None) if deadline.is_none() => break child.wait(),
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => break Err(e),
-            }
+        let status = match timeout {
+            Some(timeout) => wait_within(&mut child, timeout, &program),
+            None => child.wait(),
         };
+        let timed_out = matches!(&status, Err(e) if e.kind() == std::io::ErrorKind::TimedOut);
         let stderr = reader.and_then(|r| r.join().ok()).unwrap_or_default().trim().to_string();
         match status {
-            Ok(s) if s.success() && !timed_out => Ok(()),
-            Ok(_) if timed_out => Err(Failure {
+            Ok(s) if s.success() => Ok(()),
+            Err(_) if timed_out => Err(Failure {
                 status: format!("did not finish within {:?} and was killed", timeout.unwrap_or_default()),
                 stderr,
                 timed_out,

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bundle::{
-    self, BundleLayout, Manifest, COMPLETE_MARKER, FAILED_MARKER, IN_PROGRESS_MARKER, MANIFEST_FILE, PARTIAL_MARKER,
-};
+use crate::bundle::{self, BundleLayout, Manifest, MANIFEST_FILE};
 use crate::criu::Criu;
 use crate::error::{Error, GpuStep, Result};
 use crate::gpu::{gpu_error, GpuContext, GpuMatch, GpuRestorePlan};
@@ -110,8 +108,7 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
         return Err(refuse("the directory does not exist".into()));
     }
     let mut partial = None;
-    let markers = [MANIFEST_FILE, COMPLETE_MARKER, FAILED_MARKER, PARTIAL_MARKER, IN_PROGRESS_MARKER];
-    let has_markers = markers.iter().any(|m| dir.join(m).exists());
+    let has_markers = bundle::has_kybernate_files(dir);
     let nested = dir.join(bundle::CHECKPOINT_DIR);
     let (manifest, provenance) = if !has_markers && nested.join(MANIFEST_FILE).exists() {
         // A KEP-2008 archive a CRI built around a Kybernate task image (containerd 2.x's
@@ -203,18 +200,7 @@ fn check_foreign(dir: &Path) -> Result<()> {
             _ => return Err(refuse(format!("{file} is not a JSON object: this is not a checkpoint archive"))),
         }
     }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(|e| Error::io(format!("listing {}", d.display()), e))?.flatten() {
-            let kind = entry.file_type().map_err(|e| Error::io(format!("stat {}", entry.path().display()), e))?;
-            if kind.is_dir() {
-                stack.push(entry.path());
-            } else if !kind.is_file() {
-                return Err(refuse(format!("{} is not a regular file or directory", entry.path().display())));
-            }
-        }
-    }
-    Ok(())
+    bundle::list_files(dir).map(drop)
 }
 
 /// Checks that the checkpoint of `manifest` (in `dir`) can be restored here: same CPU architecture,
