@@ -18,7 +18,7 @@ use crate::config::{type_name, RuntimeOptions};
 use crate::error::{Result, ShimError};
 use crate::io::StdioPaths;
 use crate::mount::MountSpec;
-use crate::task::{CheckpointRequest, CreateRequest, ExecRequest, PidInfo, ProcessState, TaskStatus};
+use crate::task::{CheckpointKind, CheckpointRequest, CreateRequest, ExecRequest, PidInfo, ProcessState, TaskStatus};
 
 /// A Create request in domain terms (its runtime options decoded).
 pub fn create_request(req: &CreateTaskRequest) -> Result<CreateRequest> {
@@ -63,25 +63,99 @@ pub fn exec_request(req: &ExecProcessRequest) -> Result<ExecRequest> {
     })
 }
 
+/// The type name of Kybernate's own checkpoint options ([`NodeCheckpointOptions`]).
+pub const NODE_CHECKPOINT_OPTIONS: &str = "kybernate.shim.v1.CheckpointOptions";
+
+/// `kybernate.shim.v1.CheckpointOptions`, the checkpoint options of Kybernate's node agent: they ask
+/// for a *node bundle* (as a checkpoint on stop writes one: the KEP-2008 archive layout with the
+/// writable layer, fsynced, signed) in the request's path, which must lie under the shim config's
+/// `checkpoint_dir`, instead of containerd's task image. The wire format, as a `.proto` would say it:
+///
+/// ```proto
+/// syntax = "proto3";
+/// package kybernate.shim.v1;
+/// message CheckpointOptions {
+///   bool exit = 1; // end the task after the checkpoint (default: leave it running)
+/// }
+/// ```
+///
+/// The shim owns the type and the agent encodes it with [`node_checkpoint_request`], so the one
+/// definition serves both sides.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeCheckpointOptions {
+    /// End the task after the checkpoint; otherwise it keeps running.
+    #[prost(bool, tag = "1")]
+    pub exit: bool,
+}
+
+/// The options of a CheckpointTaskRequest, by who sent them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodedCheckpointOptions {
+    /// containerd's runc options (or none): a task image into containerd's directory.
+    Runc(RuncCheckpointOptions),
+    /// Kybernate's node agent: a node bundle.
+    Node(NodeCheckpointOptions),
+}
+
 /// Decodes the options of a CheckpointTaskRequest. Absent options mean containerd's defaults for a
 /// runtime it does not know (`ctr t checkpoint` sends none to us): leave the task running.
-pub fn decode_checkpoint_options(any: Option<&Any>) -> Result<RuncCheckpointOptions> {
+pub fn decode_checkpoint_options(any: Option<&Any>) -> Result<DecodedCheckpointOptions> {
     let Some(any) = any.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
-        return Ok(RuncCheckpointOptions::default());
+        return Ok(DecodedCheckpointOptions::Runc(RuncCheckpointOptions::default()));
     };
+    let undecodable =
+        |e: &dyn std::fmt::Display| ShimError::InvalidArgument(format!("checkpoint options do not decode: {e}"));
     match type_name(&any.type_url) {
         "containerd.runc.v1.CheckpointOptions" => RuncCheckpointOptions::parse_from_bytes(&any.value)
-            .map_err(|e| ShimError::InvalidArgument(format!("checkpoint options do not decode: {e}"))),
+            .map(DecodedCheckpointOptions::Runc)
+            .map_err(|e| undecodable(&e)),
+        NODE_CHECKPOINT_OPTIONS => <NodeCheckpointOptions as prost::Message>::decode(any.value.as_slice())
+            .map(DecodedCheckpointOptions::Node)
+            .map_err(|e| undecodable(&e)),
         other => Err(ShimError::InvalidArgument(format!(
-            "checkpoint options of type {other:?} are not understood: send containerd.runc.v1.CheckpointOptions"
+            "checkpoint options of type {other:?} are not understood: send containerd.runc.v1.CheckpointOptions \
+             or {NODE_CHECKPOINT_OPTIONS}"
         ))),
     }
 }
 
-/// A Checkpoint request in domain terms: the image directory (the request's path, else the options'
-/// image path), the work directory, and the CRIU flags of containerd's runc options.
+/// The CheckpointTaskRequest by which the node agent asks the shim for a node bundle of task `id` in
+/// `dir` (under the shim's `checkpoint_dir`).
+pub fn node_checkpoint_request(id: &str, dir: &std::path::Path, exit: bool) -> CheckpointTaskRequest {
+    CheckpointTaskRequest {
+        id: id.to_string(),
+        path: dir.display().to_string(),
+        options: MessageField::some(Any {
+            type_url: format!("type.googleapis.com/{NODE_CHECKPOINT_OPTIONS}"),
+            value: prost::Message::encode_to_vec(&NodeCheckpointOptions { exit }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A Checkpoint request in domain terms. With runc's options (or none): a task image into the
+/// request's path, else the options' image path, with their work directory and CRIU flags. With
+/// Kybernate's: a node bundle into the request's path.
 pub fn checkpoint_request(req: &CheckpointTaskRequest) -> Result<CheckpointRequest> {
-    let opts = decode_checkpoint_options(req.options.as_ref())?;
+    let opts = match decode_checkpoint_options(req.options.as_ref())? {
+        DecodedCheckpointOptions::Runc(opts) => opts,
+        DecodedCheckpointOptions::Node(node) => {
+            if req.path.is_empty() {
+                return Err(ShimError::InvalidArgument(format!(
+                    "node checkpoint of {} names no bundle directory: set the request path",
+                    req.id
+                )));
+            }
+            return Ok(CheckpointRequest {
+                kind: CheckpointKind::NodeBundle,
+                image_dir: PathBuf::from(&req.path),
+                work_dir: None,
+                exit: node.exit,
+                flags: CriuFlags::default(),
+            });
+        }
+    };
     let image_dir = match (req.path.as_str(), opts.image_path.as_str()) {
         ("", "") => {
             return Err(ShimError::InvalidArgument(format!(
@@ -92,6 +166,7 @@ pub fn checkpoint_request(req: &CheckpointTaskRequest) -> Result<CheckpointReque
         ("", path) | (path, _) => PathBuf::from(path),
     };
     Ok(CheckpointRequest {
+        kind: CheckpointKind::TaskImage,
         image_dir,
         work_dir: (!opts.work_path.is_empty()).then(|| PathBuf::from(&opts.work_path)),
         exit: opts.exit,
@@ -183,12 +258,39 @@ mod tests {
     #[test]
     fn checkpoint_options_decode() {
         let opts = decode_checkpoint_options(None).unwrap();
-        assert!(!opts.exit);
+        assert_eq!(opts, DecodedCheckpointOptions::Runc(RuncCheckpointOptions::default()));
         let sent = RuncCheckpointOptions { exit: true, file_locks: true, ..Default::default() };
         let value = sent.write_to_bytes().unwrap();
         let opts = decode_checkpoint_options(Some(&any("containerd.runc.v1.CheckpointOptions", value))).unwrap();
-        assert!(opts.exit && opts.file_locks);
-        assert!(decode_checkpoint_options(Some(&any("x.Y", vec![]))).is_err());
+        assert_eq!(opts, DecodedCheckpointOptions::Runc(sent));
+        let err = decode_checkpoint_options(Some(&any("x.Y", vec![]))).unwrap_err().to_string();
+        assert!(err.contains(NODE_CHECKPOINT_OPTIONS), "{err}");
+        let garbage = decode_checkpoint_options(Some(&any(NODE_CHECKPOINT_OPTIONS, vec![0xff]))).unwrap_err();
+        assert!(matches!(garbage, ShimError::InvalidArgument(_)), "{garbage}");
+    }
+
+    #[test]
+    fn node_checkpoint_requests_round_trip() {
+        let dir = std::path::Path::new("/var/lib/kybernate/checkpoints/ns/pod/c/2026-01-01T00:00:00.000Z");
+        for exit in [false, true] {
+            let req = node_checkpoint_request("c1", dir, exit);
+            assert_eq!(req.id, "c1");
+            let core = checkpoint_request(&req).unwrap();
+            assert_eq!(
+                core,
+                CheckpointRequest {
+                    kind: CheckpointKind::NodeBundle,
+                    image_dir: dir.to_path_buf(),
+                    work_dir: None,
+                    exit,
+                    flags: CriuFlags::default(),
+                }
+            );
+        }
+        let mut no_path = node_checkpoint_request("c1", dir, false);
+        no_path.path.clear();
+        let err = checkpoint_request(&no_path).unwrap_err().to_string();
+        assert!(err.contains("names no bundle directory"), "{err}");
     }
 
     #[test]
@@ -210,6 +312,7 @@ mod tests {
             ..Default::default()
         };
         let core = checkpoint_request(&req).unwrap();
+        assert_eq!(core.kind, CheckpointKind::TaskImage);
         assert!(core.exit);
         assert_eq!(core.image_dir, PathBuf::from("/images"));
         assert_eq!(core.work_dir.as_deref(), Some(std::path::Path::new("/w")));

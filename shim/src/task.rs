@@ -100,10 +100,25 @@ pub struct ExecRequest {
     pub spec: serde_json::Value,
 }
 
-/// A checkpoint asked for over the task API (`ctr c checkpoint`, CRI's CheckpointContainer).
+/// What a task-API checkpoint writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// A task image into containerd's directory: CRIU's images at the top, no writable layer, not
+    /// fsynced (containerd tars it into its content store). What `ctr` and CRI ask for.
+    TaskImage,
+    /// A node bundle, as a checkpoint on stop writes it: the KEP-2008 archive layout with the writable
+    /// layer, fsynced, in a directory under the shim config's `checkpoint_dir`. What Kybernate's node
+    /// agent asks for (`kybernate.shim.v1.CheckpointOptions`).
+    NodeBundle,
+}
+
+/// A checkpoint asked for over the task API (`ctr c checkpoint`, CRI's CheckpointContainer, the node
+/// agent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointRequest {
-    /// Where the CRIU images go (containerd's directory).
+    /// What is written.
+    pub kind: CheckpointKind,
+    /// Where the checkpoint goes (containerd's directory, or the node bundle's).
     pub image_dir: PathBuf,
     /// CRIU's work directory, if containerd named one.
     pub work_dir: Option<PathBuf>,

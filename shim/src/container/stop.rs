@@ -15,10 +15,13 @@
 //! bundle's manifest describes the GPUs; see `docs/gpu.md`. Every bundle is signed with the node's key
 //! (`signing_key`); without a usable key there is no checkpoint, and the container stops as usual.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use checkpoint_core::bundle::{bundle_dir, BundleLayout, Durability};
-use checkpoint_core::{checkpoint_container_bundle, CheckpointOptions, ContainerCheckpoint};
+use checkpoint_core::trust::SigningKey;
+use checkpoint_core::{BundleReport, CheckpointOptions, ContainerCheckpoint};
 
 use super::state::Container;
 use crate::annotations::{CONTAINER_NAME, POD_NAME, POD_NAMESPACE};
@@ -35,6 +38,41 @@ pub fn is_stop_signal(signal: u32) -> bool {
 }
 
 impl Container {
+    /// Writes a node bundle of the container into `dir` with one checkpoint-core call: the archive
+    /// layout with the writable layer (the overlay upper directory), fsynced and signed by `signer`.
+    /// The one writer of checkpoint on stop and of the node agent's checkpoints (`checkpoint.rs`).
+    pub(super) fn write_node_bundle(
+        &self,
+        dir: &Path,
+        signer: Arc<SigningKey>,
+        opts: &CheckpointOptions,
+    ) -> checkpoint_core::Result<BundleReport> {
+        let container = ContainerCheckpoint {
+            id: self.id.clone(),
+            spec: self.bundle.join("config.json"),
+            upperdir: self.upperdir.clone(),
+            identity: self.identity(),
+            runtime: RUNTIME_ID.to_string(),
+            gpu: self.gpu_context(),
+            layout: BundleLayout::Archive,
+            durability: Durability::Synced,
+            signer: Some(signer),
+            restored_at: self.restored_at,
+        };
+        checkpoint_core::checkpoint_container_bundle(&self.runc, &self.criu, dir, &container, opts)
+    }
+
+    /// Retention after a new node bundle `dir`: its container's directory keeps the newest
+    /// `keep_bundles` sealed bundles.
+    pub(super) fn prune_old_bundles(&self, dir: &Path) {
+        if let Some(container_dir) = dir.parent() {
+            let keep = self.config.keep_bundles;
+            for removed in checkpoint_core::bundle::prune(container_dir, keep, self.config.failed_bundle_grace()) {
+                tracing::info!(id = %self.id, bundle = %removed.display(), keep, "removed an old bundle");
+            }
+        }
+    }
+
     /// Whether runc no longer knows the container, or knows it stopped.
     pub fn gone(&self) -> bool {
         match self.runc.state(&self.id) {
@@ -86,21 +124,7 @@ impl Container {
         };
         tracing::info!(id = %self.id, signal, bundle = %dir.display(), "checkpointing before stop");
         *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal);
-        let result = {
-            let container = ContainerCheckpoint {
-                id: self.id.clone(),
-                spec: self.bundle.join("config.json"),
-                upperdir: self.upperdir.clone(),
-                identity: self.identity(),
-                runtime: RUNTIME_ID.to_string(),
-                gpu: self.gpu_context(),
-                layout: BundleLayout::Archive,
-                durability: Durability::Synced,
-                signer: Some(signer),
-                restored_at: self.restored_at,
-            };
-            checkpoint_container_bundle(&self.runc, &self.criu, &dir, &container, &opts)
-        };
+        let result = self.write_node_bundle(&dir, signer, &opts);
         match result {
             Ok(report) => {
                 self.events.send(TaskEvent::Checkpointed {
@@ -118,14 +142,7 @@ impl Container {
                     bytes = report.checkpoint.image_bytes,
                     "checkpointed on stop"
                 );
-                if let Some(container_dir) = dir.parent() {
-                    let keep = self.config.keep_bundles;
-                    for removed in
-                        checkpoint_core::bundle::prune(container_dir, keep, self.config.failed_bundle_grace())
-                    {
-                        tracing::info!(id = %self.id, bundle = %removed.display(), keep, "removed an old bundle");
-                    }
-                }
+                self.prune_old_bundles(&dir);
                 true
             }
             Err(e) => {
