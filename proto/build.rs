@@ -4,7 +4,7 @@
 //! point at another one.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["deviceplugin/v1beta1/api.proto"];
+    let protos = ["deviceplugin/v1beta1/api.proto", "kybernate/agent/v1/agent.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

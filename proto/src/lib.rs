@@ -23,3 +23,16 @@ pub mod deviceplugin {
         pub const KUBELET_SOCKET_NAME: &str = "kubelet.sock";
     }
 }
+
+/// Kybernate's own APIs.
+pub mod kybernate {
+    /// The node agent's API (`kybernate.agent.v1`, `kybernate/agent/v1/agent.proto`): the `Agent`
+    /// service (Checkpoint, List, Delete, Status, Events) with its tonic client and server.
+    pub mod agent {
+        /// Version `v1` of the agent API.
+        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            tonic::include_proto!("kybernate.agent.v1");
+        }
+    }
+}
