@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 pub const KYBERNATE_SHIM: &str = "containerd-shim-kybernate-v1";
 /// The sidecar binary, which the shim runs to fetch remote bundles.
 pub const KYBERNATE_SIDECAR: &str = "kybernate-sidecar";
+/// The node agent binary's name.
+pub const KYBERNATE_AGENT: &str = "kybernate-agent";
 
 /// Fails (never skips) unless each of `tools` is found on PATH or as an absolute path.
 pub fn require_tools(tools: &[&str]) -> Result<()> {
@@ -109,6 +111,12 @@ pub fn kybernate_shim_binary() -> Result<PathBuf> {
 pub fn kybernate_sidecar_binary() -> Result<PathBuf> {
     static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
     BUILT.get_or_init(|| build("kybernate-sidecar", KYBERNATE_SIDECAR)).clone().map_err(anyhow::Error::msg)
+}
+
+/// The node agent binary (`kybernate-agent`) of this workspace, built like [`kybernate_shim_binary`].
+pub fn kybernate_agent_binary() -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| build("kybernate-agent", KYBERNATE_AGENT)).clone().map_err(anyhow::Error::msg)
 }
 
 /// `cargo build -p <package> --bin <bin>` into the target directory and profile of the running test.
