@@ -23,11 +23,11 @@ demo: deps
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	python3 scripts/module-cycles.py api/src operator/src checkpoint-core/src shim/src sidecar/src device-plugin/src tests/src
+	python3 scripts/module-cycles.py api/src operator/src checkpoint-core/src shim/src sidecar/src device-plugin/src agent/src tests/src
 
 ## test: lint, then every unit and end-to-end test against real CRIU, runc and containerd (the system's
 ## 1.6, then the containerd tests again against containerd 1.7 from `make deps`)
-CONTAINERD_TESTS := --test shim_lifecycle --test checkpoint_on_stop --test restore_security --test cri_flow
+CONTAINERD_TESTS := --test shim_lifecycle --test checkpoint_on_stop --test restore_security --test cri_flow --test agent
 test: deps lint
 	bash scripts/cargo-test.sh --workspace --no-fail-fast
 	KYBERNATE_TEST_CONTAINERD_BIN=/opt/kybernate/containerd-1.7/usr/bin \
