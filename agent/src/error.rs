@@ -64,24 +64,6 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// A bundle could not be read.
-    #[error("bundle {}", .path.display())]
-    Bundle {
-        /// The bundle directory.
-        path: PathBuf,
-        /// What checkpoint-core said.
-        #[source]
-        source: checkpoint_core::Error,
-    },
-    /// The shim config could not be read.
-    #[error("the shim config {}", .path.display())]
-    Config {
-        /// The file.
-        path: PathBuf,
-        /// What the shim's config module said.
-        #[source]
-        source: kybernate_shim::ShimError,
-    },
     /// `kybernate-sidecar push` failed.
     #[error("pushing {} to {store} with {} failed: {reason}", .bundle.display(), .sidecar.display())]
     Push {
@@ -117,11 +99,6 @@ impl AgentError {
             }
             AgentError::Shim { .. } => Code::Unavailable,
             AgentError::Io { .. } | AgentError::Push { .. } => Code::Internal,
-            AgentError::Bundle { source, .. } => match source {
-                checkpoint_core::Error::Bundle { .. } => Code::FailedPrecondition,
-                _ => Code::Internal,
-            },
-            AgentError::Config { .. } => Code::FailedPrecondition,
         }
     }
 
