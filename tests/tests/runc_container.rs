@@ -390,6 +390,43 @@ fn a_stop_checkpoint_keeps_the_tasks_frozen_until_the_seal_and_then_ends_them() 
     assert_eq!(wait_counter_past(&container.bundle, stopped_at).unwrap(), stopped_at + 1);
 }
 
+/// A checkpoint that leaves the container running (the node agent's) captures the writable layer
+/// while the tasks are still frozen from the dump, so the layer holds what the memory saw: restored,
+/// the counter writes exactly the value after the one in the layer. The container runs on.
+#[test]
+fn a_running_checkpoint_captures_the_layer_while_frozen_and_the_container_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runc, container) = start(dir.path(), "ck-live");
+    let rootfs = container.bundle.join("rootfs");
+    let bundle_dir = dir.path().join("bundle-live");
+    let opts =
+        CheckpointOptions { leave_running: true, work_dir: Some(dir.path().join("dump-work")), ..Default::default() };
+    // the whole rootfs stands for the overlay upper dir, so the counter file is in the layer
+    let request = stop_request(&container, &rootfs);
+    checkpoint_core::checkpoint_container_bundle(&runc, &Criu::from_path(), &bundle_dir, &request, &opts).unwrap();
+    assert_eq!(container.status().as_deref(), Some("running"));
+    let seen = read_counter(&container.bundle).unwrap();
+    wait_counter_past(&container.bundle, seen + 2).unwrap();
+
+    let mut layer = tar::Archive::new(std::fs::File::open(bundle_dir.join("rootfs-diff.tar")).unwrap());
+    let in_layer: u64 = layer
+        .entries()
+        .unwrap()
+        .map(Result::unwrap)
+        .find(|e| e.path().unwrap().as_os_str() == "state/counter")
+        .map(|mut e| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            text.trim().parse().unwrap()
+        })
+        .expect("the layer holds state/counter");
+    container.delete();
+    std::fs::write(rootfs.join("state/counter"), "0").unwrap();
+    let restored = restore_bundle(&bundle_dir, &dir.path().join("restore-work"), &runc, &container, false);
+    assert_eq!(restored.status().as_deref(), Some("running"));
+    assert_eq!(wait_counter_past(&container.bundle, 0).unwrap(), in_layer + 1);
+}
+
 /// A tmpfs of `size` mounted at `dir` for the life of the value.
 struct Tmpfs(std::path::PathBuf);
 

@@ -167,6 +167,11 @@ pub fn checkpoint_container_bundle(
     }
     // Ending the tasks waits for the seal: right before the dump (after any GPU lock, which needs
     // the processes running) they are frozen, CRIU leaves them frozen, and they are killed once sealed.
+    // Tasks left running are frozen the same way when their writable layer is captured after the
+    // dump, so the layer holds what the memory saw; they are thawed once it is captured. (Not with
+    // GPU state: the GPU unlock after the dump needs the processes running.)
+    let freeze_for_dump = !opts.leave_running
+        || (container.layout == BundleLayout::Archive && container.upperdir.is_some() && container.gpu.is_none());
     let frozen = Cell::new(false);
     let image_dir = container.layout.image_dir(dir);
     // One deadline for everything: the dump gets what the steps before it (GPU locks) left.
@@ -176,7 +181,7 @@ pub fn checkpoint_container_bundle(
         if left.is_some_and(|left| left.is_zero()) {
             return Err(budget_spent(opts, &container.id));
         }
-        if !opts.leave_running {
+        if freeze_for_dump {
             frozen.set(freeze(runc, &container.id)?);
         }
         let dump_opts =
@@ -184,10 +189,16 @@ pub fn checkpoint_container_bundle(
         checkpoint_container(runc, criu, &container.id, &image_dir, &dump_opts)
     };
     let thaw = || {
-        if frozen.get() {
+        if frozen.replace(false) {
             if let Err(e) = runc.resume(&container.id) {
                 tracing::warn!(id = %container.id, error = %e, "thawing the container after its checkpoint");
             }
+        }
+    };
+    // Once the layer is captured, tasks left running run on while the bundle is sealed.
+    let layer_captured = || {
+        if opts.leave_running {
+            thaw();
         }
     };
     let dumped = match &container.gpu {
@@ -208,7 +219,7 @@ pub fn checkpoint_container_bundle(
     manifest.checkpoint = Some(report.clone());
     manifest.criu_flags = Some(opts.flags.clone());
     manifest.gpu = gpu;
-    match finish_bundle(dir, &image_dir, container, opts, manifest.clone(), deadline) {
+    match finish_bundle(dir, &image_dir, container, opts, manifest.clone(), deadline, &layer_captured) {
         Ok((manifest, rootfs, rootfs_time, seal_time)) => {
             if frozen.get() {
                 end_frozen(runc, &container.id);
@@ -226,8 +237,9 @@ pub fn checkpoint_container_bundle(
     }
 }
 
-/// Everything after the dump: the metadata and writable layer of a node bundle, then the seal, all
-/// before `deadline`. Returns the sealed manifest, the layer's statistics and the two steps' times.
+/// Everything after the dump: the metadata and writable layer of a node bundle (then
+/// `layer_captured` is called), then the seal, all before `deadline`. Returns the sealed manifest,
+/// the layer's statistics and the two steps' times.
 fn finish_bundle(
     dir: &Path,
     image_dir: &Path,
@@ -235,12 +247,14 @@ fn finish_bundle(
     opts: &CheckpointOptions,
     mut manifest: Manifest,
     deadline: Option<Instant>,
+    layer_captured: &dyn Fn(),
 ) -> Result<(Manifest, Option<RootfsDiffStats>, Duration, Duration)> {
     let rootfs_started = Instant::now();
     let layer = match container.layout {
         BundleLayout::Archive => write_metadata(dir, image_dir, container, opts)?,
         BundleLayout::TaskImage => None,
     };
+    layer_captured();
     let rootfs = layer.map(|layer| {
         manifest.setid_files = layer.setid;
         layer.stats
