@@ -260,7 +260,7 @@ fn is_marker_or_manifest(rel: &str) -> bool {
 }
 
 /// Whether Kybernate wrote (or began writing) `dir`: it has a manifest, a signature or a marker.
-pub(crate) fn has_kybernate_files(dir: &Path) -> bool {
+pub fn has_kybernate_files(dir: &Path) -> bool {
     KYBERNATE_FILES.iter().any(|f| dir.join(f).exists())
 }
 
@@ -371,7 +371,7 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 
 /// Writes `bytes` to `dir/name` atomically (temp file, rename), fsyncing file and directory when
 /// `durability` asks for it.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8], durability: Durability) -> Result<()> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8], durability: Durability) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let target = dir.join(name);
     let sync = durability == Durability::Synced;

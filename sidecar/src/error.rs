@@ -207,6 +207,21 @@ pub enum Error {
         source: Box<checkpoint_core::Error>,
     },
 
+    /// The extracted archive holds no Kybernate bundle (another runtime wrote it) and the caller
+    /// asked for the manifest check, which needs one.
+    #[error(
+        "the archive `{key}` holds no Kybernate manifest: another runtime wrote it (Podman, CRI-O, a CRI around \
+         another shim); nothing was published to {}. Restore it through the shim, whose trust rules decide \
+         (allow_unsigned), or fetch it unverified with --skip-manifest-check",
+        dest.display()
+    )]
+    Foreign {
+        /// The object key.
+        key: String,
+        /// The destination that was not created.
+        dest: PathBuf,
+    },
+
     /// The destination of a fetch already exists.
     #[error("destination {} already exists; remove it or pick another destination", path.display())]
     DestinationExists {

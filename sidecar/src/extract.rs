@@ -76,14 +76,23 @@ impl Staged {
     }
 
     /// [`Staged::publish`] without the manifest pass (a second read of every file): for a caller
-    /// that verifies the manifest itself before the bundle is used. `COMPLETE` is still required.
+    /// that verifies the manifest itself before the bundle is used. `COMPLETE` is still required of
+    /// a Kybernate bundle; an archive another runtime wrote (no Kybernate file at its top) is
+    /// published as it is, for the caller's trust rules to judge.
     pub fn publish_without_manifest_check(self, key: &str) -> Result<PathBuf> {
         self.publish_checked(key, false)
     }
 
     fn publish_checked(mut self, key: &str, manifest: bool) -> Result<PathBuf> {
-        if !is_complete(&self.temp) {
+        let ours = checkpoint_core::bundle::has_kybernate_files(&self.temp);
+        if !ours && manifest {
+            return Err(Error::Foreign { key: key.to_string(), dest: self.dest.clone() });
+        }
+        if ours && !is_complete(&self.temp) {
             return Err(Error::NotComplete { bundle: self.dest.clone() });
+        }
+        if !ours {
+            tracing::warn!(key, dest = %self.dest.display(), "the archive holds no Kybernate bundle; published unverified for the caller to judge");
         }
         if manifest {
             checkpoint_core::bundle::verify(&self.temp).map_err(|source| Error::BundleInvalid {

@@ -24,7 +24,7 @@ use crate::crypt::{self, DecryptReader, Key, Keyring};
 use crate::error::{join_error, Error, Result};
 use crate::extract::{self, ExtractLimits};
 use crate::retry::RetryPolicy;
-use crate::store::{validate_key, ObjectInfo, S3Options, Store, StoreLocation, LABEL_BUNDLE};
+use crate::store::{validate_key, FsStore, ObjectInfo, S3Options, Store, StoreLocation, LABEL_BUNDLE};
 
 /// Settings for [`fetch_bundle`].
 #[derive(Clone)]
@@ -127,8 +127,12 @@ pub fn fetch_bundle_blocking(reference: &BundleRef, dest_root: &Path, opts: &Fet
 pub async fn open_reference(reference: &BundleRef, s3: &S3Options) -> Result<(Arc<dyn Store>, ObjectInfo)> {
     let (location, key) = archive_location(reference)?;
     let store = location.open(s3).await?;
-    let info =
-        store.head(key).await?.ok_or_else(|| Error::NotFound { location: store.location(), key: key.to_string() })?;
+    let info = match (store.head(key).await?, reference) {
+        (Some(info), _) => Some(info),
+        (None, BundleRef::FsArchive { store: dir, .. }) => FsStore::new(dir.clone()).loose_archive(key).await?,
+        (None, BundleRef::S3 { .. } | BundleRef::LocalDir(_)) => None,
+    };
+    let info = info.ok_or_else(|| Error::NotFound { location: store.location(), key: key.to_string() })?;
     Ok((store, info))
 }
 

@@ -15,10 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
 use super::{
-    now_rfc3339, validate_key, Committed, ObjectInfo, ObjectMeta, ObjectReader, PutRequest, Store, META_FORMAT,
-    META_SUFFIX,
+    now_rfc3339, validate_key, Committed, ObjectInfo, ObjectMeta, ObjectReader, PutRequest, Store, LABEL_BUNDLE,
+    META_FORMAT, META_SUFFIX,
 };
-use crate::archive::ArchiveStream;
+use crate::archive::{ArchiveStream, Compression};
 use crate::error::{join_error, Error, Result};
 use crate::fsutil::{prune_empty_dirs, remove_if_exists, sync_dir, temp_sibling, write_atomic};
 
@@ -38,6 +38,22 @@ impl FsStore {
     pub fn object_path(&self, key: &str) -> Result<PathBuf> {
         validate_key(key)?;
         Ok(self.root.join(key))
+    }
+
+    /// An archive file under `key` that no sidecar stored, so no record lies beside it: Podman's
+    /// `container checkpoint --export`, kubelet's checkpoint tar, a copy made by hand. Its size and
+    /// sha256 are read from the file (what the download is then checked against: that it did not
+    /// change while it was read) and its compression from its first bytes (zstd or none). `None`
+    /// when there is no such file; an error for a record-less file that is not a tar archive.
+    pub async fn loose_archive(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.object_path(key)?;
+        if !path.is_file() || Self::meta_path(&path).exists() {
+            return Ok(None);
+        }
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || read_loose(&path, key).map(Some))
+            .await
+            .map_err(|e| join_error("read archive", e))?
     }
 
     fn meta_path(data: &Path) -> PathBuf {
@@ -184,6 +200,64 @@ impl Store for FsStore {
         sync_dir(dir)?;
         prune_empty_dirs(dir, &self.root);
         Ok(())
+    }
+}
+
+/// The record of a loose archive (see [`FsStore::loose_archive`]), read from the file itself.
+fn read_loose(path: &Path, key: String) -> Result<ObjectInfo> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut head = [0u8; 512];
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]).map_err(|e| Error::io("read", path, e))? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    let compression = sniff(&head[..filled]).map_err(|reason| Error::Metadata { key: key.clone(), reason })?;
+    let mut hasher = Sha256::new();
+    hasher.update(&head[..filled]);
+    let size = filled as u64 + std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io("read", path, e))?;
+    let stored_at = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .map_err(|e| Error::io("stat", path, e))?;
+    tracing::info!(key, size, ?compression, "archive has no sidecar record; taking its size and sha256 from the file");
+    // Restored to its name without the archive suffix the user gave it (`x.tar.gz` holding zstd too).
+    let bundle = [".tar.zst", ".tar.gz", ".tgz", ".tar"].iter().find_map(|s| key.strip_suffix(s)).unwrap_or(&key);
+    let labels = [(LABEL_BUNDLE.to_string(), bundle.to_string())].into();
+    let meta = ObjectMeta {
+        format: META_FORMAT,
+        size,
+        sha256: hex::encode(hasher.finalize()),
+        compression,
+        encryption: None,
+        part_size: None,
+        part_sha256: Vec::new(),
+        stored_at,
+        labels,
+    };
+    Ok(ObjectInfo { key, meta })
+}
+
+/// The compression of an archive from its first bytes: zstd's frame magic, or a POSIX tar header
+/// (`ustar` at offset 257); anything else is named with the fix.
+fn sniff(head: &[u8]) -> std::result::Result<Compression, String> {
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+    if head.starts_with(&ZSTD_MAGIC) {
+        Ok(Compression::Zstd)
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Ok(Compression::None)
+    } else if head.starts_with(&GZIP_MAGIC) {
+        Err("it is gzip-compressed, which is not read here: decompress it (`gunzip`), or export it with \
+             `--compress zstd` or `--compress none`"
+            .into())
+    } else {
+        Err("it has no sidecar record and is neither a tar nor a zstd-compressed tar archive".into())
     }
 }
 

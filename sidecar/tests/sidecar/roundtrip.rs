@@ -155,7 +155,9 @@ async fn incomplete_bundle_is_never_shipped_nor_restored() {
     assert!(opts.state.shipped(rel).unwrap().is_none());
     assert!(!store_dir.path().join("ns").exists(), "nothing written to the store");
 
-    // An archive of an incomplete bundle that reached a store anyway is refused at restore.
+    // An archive of an interrupted bundle (its writer's marker, no COMPLETE) that reached a store
+    // anyway is refused at restore.
+    std::fs::write(bundle.join(checkpoint_core::bundle::IN_PROGRESS_MARKER), "pid 1").unwrap();
     let key = "ns/pod/ctr/incomplete.tar";
     let body = archive_bundle(
         &bundle,
@@ -240,4 +242,58 @@ fn assert_no_temp_files(dir: &Path) {
     let leftovers: Vec<_> =
         listing(dir).into_iter().filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with('.'))).collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+/// An archive file no sidecar stored (no record beside it: Podman's `checkpoint --export`, kubelet's
+/// checkpoint tar) is read as it is: its compression sniffed, its size and sha256 taken from the file.
+/// A Kybernate bundle in it is verified as usual; another runtime's archive is refused by the
+/// manifest check and published as it is without it (the shim's trust rules judge it); gzip is
+/// named with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_file_without_a_record_is_sniffed_and_fetched() {
+    let ckpt = tempfile::tempdir().unwrap();
+    let loose = tempfile::tempdir().unwrap();
+    let ours = make_bundle(ckpt.path(), "ours", MIB, 11, true);
+    let theirs = make_bundle(ckpt.path(), "theirs", MIB, 12, false);
+    let write = |name: &str, bundle: &Path, compression: Compression| {
+        let opts = ArchiveOptions { compression, ..ArchiveOptions::default() };
+        let mut body = archive_bundle(bundle, &opts, None, None);
+        let path = loose.path().join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        async move {
+            use std::io::Write;
+            let mut file = file;
+            while let Some(chunk) = body.next().await.unwrap() {
+                file.write_all(&chunk).unwrap();
+            }
+            path
+        }
+    };
+    // named as the user chose: Podman's own examples call a zstd export `.tar.gz`
+    write("ours.tar.gz", &ours, Compression::Zstd).await;
+    write("theirs.tar", &theirs, Compression::None).await;
+    let dest = tempfile::tempdir().unwrap();
+    let reference = |name: &str| bundle_ref(&format!("{}/{name}", loose.path().display()));
+
+    let got = fetch_bundle(&reference("ours.tar.gz"), dest.path(), &FetchOptions::default()).await.unwrap();
+    assert_eq!(got, dest.path().join("ours"));
+    assert_eq!(tree(&got), tree(&ours));
+
+    let err = fetch_bundle(&reference("theirs.tar"), dest.path(), &FetchOptions::default()).await.unwrap_err();
+    assert!(matches!(err, Error::Foreign { .. }), "{err}");
+    assert!(err.to_string().contains("--skip-manifest-check"), "{err}");
+    assert!(!dest.path().join("theirs").exists(), "nothing published");
+    let unverified = FetchOptions { skip_manifest_check: true, ..FetchOptions::default() };
+    let got = fetch_bundle(&reference("theirs.tar"), dest.path(), &unverified).await.unwrap();
+    assert_eq!(got, dest.path().join("theirs"));
+    assert_eq!(tree(&got), tree(&theirs));
+
+    // a gzip member header (magic, deflate, no flags), as `podman checkpoint --compress gzip` writes
+    let gzip = [&[0x1f, 0x8b, 0x08, 0x00][..], &[0u8; 600]].concat();
+    std::fs::write(loose.path().join("gz.tar.gz"), gzip).unwrap();
+    let err = fetch_bundle(&reference("gz.tar.gz"), dest.path(), &unverified).await.unwrap_err();
+    assert!(err.to_string().contains("gzip-compressed") && err.to_string().contains("gunzip"), "{err}");
+    std::fs::write(loose.path().join("junk.tar"), b"not an archive").unwrap();
+    let err = fetch_bundle(&reference("junk.tar"), dest.path(), &unverified).await.unwrap_err();
+    assert!(err.to_string().contains("neither a tar nor a zstd-compressed tar"), "{err}");
 }
