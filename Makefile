@@ -27,7 +27,7 @@ lint:
 
 ## test: lint, then every unit and end-to-end test against real CRIU, runc and containerd (the system's
 ## 1.6, then the containerd tests again against containerd 1.7 from `make deps`)
-CONTAINERD_TESTS := --test shim_lifecycle --test checkpoint_on_stop --test restore_security --test cri_flow --test agent
+CONTAINERD_TESTS := --test shim_lifecycle --test checkpoint_on_stop --test restore_security --test cri_flow --test agent --test foreign_archive
 test: deps lint
 	bash scripts/cargo-test.sh --workspace --no-fail-fast
 	KYBERNATE_TEST_CONTAINERD_BIN=/opt/kybernate/containerd-1.7/usr/bin \

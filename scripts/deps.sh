@@ -15,11 +15,12 @@ die() { printf '[deps] ERROR: %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "apt-get not found: make deps supports Debian/Ubuntu; install containerd, runc, iptables, protoc and CRIU >= 4 by hand"
 
 # Packages: runtime (containerd, runc, iptables), build (protoc), test images (busybox-static),
-# and CRIU's build dependencies.
+# the peer whose checkpoint archives are restored and benchmarked (podman), and CRIU's build
+# dependencies.
 PACKAGES=(
   containerd runc iptables protobuf-compiler busybox-static xz-utils ca-certificates build-essential pkg-config
   libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev libnl-3-dev libnet1-dev libcap-dev libbsd-dev
-  libaio-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev git openssl
+  libaio-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev git openssl podman
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -183,8 +183,14 @@ pub fn apply_rootfs_diff(bundle: &Path, rootfs: &Path, setid: &BTreeMap<String, 
         };
         removed.map_err(|e| Error::io(format!("removing {} from the new rootfs", target.display()), e))?;
     }
-    let tar_path = bundle.join(ROOTFS_DIFF);
-    let file = File::open(&tar_path).map_err(|e| Error::io(format!("opening {}", tar_path.display()), e))?;
+    unpack_layer(&bundle.join(ROOTFS_DIFF), rootfs, setid)
+}
+
+/// Unpacks the tar at `tar_path` (gzip-compressed or not) into `dest`, which must not be running
+/// yet: entries that leave `dest` and device nodes are refused, set-id bits are kept only as `setid`
+/// records them.
+pub(crate) fn unpack_layer(tar_path: &Path, dest: &Path, setid: &BTreeMap<String, u32>) -> Result<()> {
+    let file = File::open(tar_path).map_err(|e| Error::io(format!("opening {}", tar_path.display()), e))?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     // containerd's CRI writes the layer gzip-compressed under the same name; Podman and CRI-O do not.
     let gzipped = std::io::BufRead::fill_buf(&mut reader)
@@ -205,14 +211,14 @@ pub fn apply_rootfs_diff(bundle: &Path, rootfs: &Path, setid: &BTreeMap<String, 
         let name = entry.path().map_err(|e| Error::io(format!("reading {}", tar_path.display()), e))?.into_owned();
         if name.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
             return Err(diff_error(
-                &tar_path,
+                tar_path,
                 format!("entry {} leaves the container's root; the bundle is corrupt", name.display()),
             ));
         }
         let kind = entry.header().entry_type();
         if kind.is_character_special() || kind.is_block_special() {
             return Err(diff_error(
-                &tar_path,
+                tar_path,
                 format!(
                     "entry {} is a device node, which a restore never creates; the bundle is hostile",
                     name.display()
@@ -225,11 +231,11 @@ pub fn apply_rootfs_diff(bundle: &Path, rootfs: &Path, setid: &BTreeMap<String, 
             entry.set_mask(SETID_BITS);
         }
         let unpacked = entry
-            .unpack_in(rootfs)
-            .map_err(|e| Error::io(format!("unpacking {} into {}", name.display(), rootfs.display()), e))?;
+            .unpack_in(dest)
+            .map_err(|e| Error::io(format!("unpacking {} into {}", name.display(), dest.display()), e))?;
         if !unpacked {
             return Err(diff_error(
-                &tar_path,
+                tar_path,
                 format!("entry {} leaves the container's root; the bundle is corrupt", name.display()),
             ));
         }

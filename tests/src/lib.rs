@@ -7,6 +7,7 @@
 //! - [`containerd`]: a private containerd with the Kybernate shim, driven with `ctr`.
 //! - [`cri`]: the same with the CRI plugin, and a CRI client.
 //! - [`s3`]: a real S3-compatible server (s3s-fs) on loopback.
+//! - [`podman`]: Podman with private storage, the peer that writes foreign checkpoint archives.
 //! - [`tools`]: required host tools, CRIU, commands with a timeout, the shim binary.
 //! - [`gpu_fakes`]: a recording CUDA driver, a GPU inventory and a backend probe (no GPU on CI).
 
@@ -15,6 +16,7 @@ pub mod cri;
 pub mod gpu_fakes;
 pub mod images;
 pub mod keys;
+pub mod podman;
 pub mod process;
 pub mod runc;
 pub mod s3;
@@ -27,6 +29,7 @@ pub use images::{
     busybox_bundle, busybox_oci_image, busybox_oci_image_running, read_counter, wait_counter_past, BUSYBOX,
     COUNTER_SCRIPT,
 };
+pub use podman::Podman;
 pub use process::{
     alive, become_subreaper, kill_and_reap, pids_with_arg, reap_if_exited, spawn_workload, wait_for, zombie_children,
     WorkloadState,

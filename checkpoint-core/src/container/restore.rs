@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::mounts::MappedMount;
 use crate::bundle::{self, BundleLayout, Manifest, MANIFEST_FILE};
 use crate::criu::Criu;
 use crate::error::{Error, GpuStep, Result};
@@ -98,6 +99,51 @@ impl RestorableBundle {
         }
     }
 }
+
+impl RestorableBundle {
+    /// Fits the new container's spec (`oci_bundle/config.json`, its rootfs at `rootfs` with the
+    /// writable layer applied) to the checkpoint, rewriting it only if something changed:
+    /// - the mounts the checkpointed container had and it lacks: a placeholder bound at each such
+    ///   bind-mount destination (the sources the checkpoint names are never used) and a read-only
+    ///   cgroup mount (see the `mounts` module);
+    /// - for a checkpoint without a Kybernate manifest (another engine's, restored under
+    ///   `allow_unsigned`), CRIU's check of the modes of the files it reopens is skipped: engines make
+    ///   the rootfs differently (Podman's root directory is 0555, containerd's 0755). A spec that
+    ///   names its own CRIU config (`org.criu.config`) keeps it.
+    ///
+    /// Returns the placeholders bound.
+    pub fn fit_spec(&self, oci_bundle: &Path, rootfs: &Path) -> Result<Vec<MappedMount>> {
+        let path = oci_bundle.join("config.json");
+        let mut config = super::mounts::read_json(&path)?;
+        let before = config.clone();
+        let mapped = super::mounts::add_expected_mounts(&self.dir, &mut config, oci_bundle, rootfs)?;
+        if self.manifest.is_none() {
+            let annotations = config
+                .as_object_mut()
+                .map(|spec| spec.entry("annotations").or_insert_with(|| serde_json::json!({})))
+                .and_then(serde_json::Value::as_object_mut)
+                .ok_or_else(|| Error::Bundle { path: path.clone(), reason: "it is not an OCI spec object".into() })?;
+            if !annotations.contains_key(CRIU_CONFIG_ANNOTATION) {
+                let conf = oci_bundle.join(FOREIGN_CRIU_CONFIG);
+                std::fs::write(&conf, "skip-file-rwx-check\n")
+                    .map_err(|e| Error::io(format!("writing {}", conf.display()), e))?;
+                annotations.insert(CRIU_CONFIG_ANNOTATION.into(), conf.display().to_string().into());
+            }
+        }
+        if config != before {
+            let text = serde_json::to_vec_pretty(&config)
+                .map_err(|e| Error::Bundle { path: path.clone(), reason: format!("encoding the new spec: {e}") })?;
+            bundle::write_atomically(oci_bundle, "config.json", &text, bundle::Durability::Unsynced)?;
+        }
+        Ok(mapped)
+    }
+}
+
+/// The spec annotation runc reads for the CRIU configuration file of a checkpoint or restore.
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+/// The CRIU configuration [`RestorableBundle::fit_spec`] writes into the OCI bundle for a
+/// checkpoint another engine wrote.
+pub const FOREIGN_CRIU_CONFIG: &str = "kybernate-criu.conf";
 
 /// Opens the bundle `dir` for a restore on this node: sealed with every hash matching (or an unsealed
 /// image, when `opts` accepts one), taken on a compatible node ([`check_host`]), and, when it holds

@@ -1,6 +1,7 @@
 //! Create: mount the rootfs, set up stdio, and either `runc create` the container or, when the request
 //! carries a checkpoint, open and check it (one checkpoint-core call), re-apply its writable layer
-//! (another), and leave `runc restore` to Start.
+//! and fit the new spec to it (two more), and leave
+//! `runc restore` to Start.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -156,6 +157,13 @@ pub fn create(ctx: &CreateContext<'_>, req: &CreateRequest, prepared: Prepared) 
                 "re-applying the writable layer of {} onto {}: {e}",
                 opened.dir.display(),
                 root.display()
+            ))
+        })?;
+        opened.fit_spec(&bundle, &root).map_err(|e| {
+            ShimError::FailedPrecondition(format!(
+                "fitting the spec in {1} to the checkpoint in {0}: {e}",
+                opened.dir.display(),
+                bundle.display()
             ))
         })?;
     }
