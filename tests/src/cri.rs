@@ -392,9 +392,14 @@ impl Cri {
     /// in this test process) in this instance's namespace and cgroup parent, with `annotations`. The
     /// pod is stopped and removed on drop unless [`Cri::remove_pod`] did it before.
     pub fn run_pod(&self, name: &str, annotations: &[(&str, &str)]) -> Result<Pod> {
-        let serial = next_serial();
-        let name = format!("{name}-{serial}");
-        let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), serial);
+        self.run_pod_exactly(&format!("{name}-{}", next_serial()), annotations)
+    }
+
+    /// Like [`Cri::run_pod`], named exactly `name` in [`Cri::k8s_namespace`], as a StatefulSet names
+    /// its pods (the same name on every node, a new uid each time).
+    pub fn run_pod_exactly(&self, name: &str, annotations: &[(&str, &str)]) -> Result<Pod> {
+        let name = name.to_string();
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), next_serial());
         let log_directory = self.log_dir.join(format!("{}_{name}_{uid}", self.k8s_namespace));
         fs::create_dir_all(&log_directory)?;
         let namespaces = NamespaceOption {
