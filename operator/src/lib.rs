@@ -1,16 +1,22 @@
 //! # kybernate-operator
 //!
-//! Kybernate's cluster layer (see `docs/kubernetes.md`). So far: the mutating admission webhook's
-//! decision ([`admission`]), which puts the pods a [`kybernate_api::CheckpointPolicy`] selects on
-//! Kybernate (`runtimeClassName: kybernate`, checkpoint on stop) and, when its store holds a pod
-//! checkpoint of the same pod identity, has the pod resume from it (`kybernate.io/restore-from`, with
+//! Kybernate's cluster layer (see `docs/kubernetes.md`). So far: the mutating admission webhook. Its
+//! decision ([`admission`]) puts the pods a [`kybernate_api::CheckpointPolicy`] selects on Kybernate
+//! (`runtimeClassName: kybernate`, checkpoint on stop) and, when its store holds a pod checkpoint of
+//! the same pod identity, has the pod resume from it (`kybernate.io/restore-from`, with
 //! `restore-policy: fallback-fresh`). The webhook never blocks a pod: every failure admits it as it is
-//! or without the restore, with a warning.
+//! or without the restore, with a warning. The binary `kybernate-operator` serves it over HTTPS
+//! ([`webhook_server`]).
 //!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
-//! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks).
+//! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks),
+//! [`policies`] (where the policies come from: the API server through a reflector), [`webhook_server`]
+//! (the HTTPS server), [`metrics`] (its Prometheus counters).
 
 pub mod admission;
 pub mod identity;
+pub mod metrics;
+pub mod policies;
 pub mod selector;
 pub mod store_index;
+pub mod webhook_server;

@@ -1,0 +1,139 @@
+//! Prometheus metrics of the webhook's admissions, and the small plain-HTTP server that serves them
+//! as text (`GET /metrics`), apart from the webhook's TLS port, as the agent and the device plugin do.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+/// How one `POST /mutate` ended, the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Admitted with a JSON patch.
+    Patched,
+    /// Admitted as it is.
+    Unchanged,
+    /// Refused as a bad request (not an AdmissionReview, too large, unreadable); the API server
+    /// admits the pod anyway (`failurePolicy: Ignore`).
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome, so that each one's counter exists from the start.
+    const ALL: [Outcome; 3] = [Outcome::Patched, Outcome::Unchanged, Outcome::Error];
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Patched => "patched",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// The webhook's metrics. Cheap to clone; all clones update the same values.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    admissions: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates the metrics in a fresh registry, every outcome at 0.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let admissions = IntCounterVec::new(
+            Opts::new(
+                "kybernate_operator_admissions_total",
+                "AdmissionReviews answered by the webhook, by outcome (patched, unchanged, error).",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(admissions.clone()))?;
+        for outcome in Outcome::ALL {
+            admissions.with_label_values(&[outcome.label()]);
+        }
+        Ok(Metrics { registry, admissions })
+    }
+
+    /// Counts one admission.
+    pub fn record(&self, outcome: Outcome) {
+        self.admissions.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Serves `GET /metrics` on `listener` (plain HTTP/1.1) until `shutdown` completes.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a metrics connection failed");
+                        continue;
+                    }
+                },
+            };
+            let metrics = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let response = respond(&metrics, &req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                if let Err(e) =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+                {
+                    tracing::debug!(error = %e, "metrics connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
+        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use GET\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "see /metrics\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_is_counted_from_zero() {
+        let metrics = Metrics::new().unwrap();
+        let text = metrics.render();
+        for outcome in ["patched", "unchanged", "error"] {
+            assert!(
+                text.contains(&format!("kybernate_operator_admissions_total{{outcome=\"{outcome}\"}} 0")),
+                "{text}"
+            );
+        }
+        metrics.record(Outcome::Patched);
+        metrics.record(Outcome::Patched);
+        assert!(metrics.render().contains("kybernate_operator_admissions_total{outcome=\"patched\"} 2"));
+    }
+}
