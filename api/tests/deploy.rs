@@ -5,9 +5,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -52,6 +54,14 @@ fn the_deploy_base_renders_and_every_object_is_valid_for_its_kind() {
             "DaemonSet" => round_trip::<DaemonSet>(object),
             "ConfigMap" => round_trip::<ConfigMap>(object),
             "Secret" => round_trip::<Secret>(object),
+            "Deployment" => round_trip::<Deployment>(object),
+            "Service" => round_trip::<Service>(object),
+            "ServiceAccount" => round_trip::<ServiceAccount>(object),
+            "ClusterRole" => round_trip::<ClusterRole>(object),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(object),
+            "Role" => round_trip::<Role>(object),
+            "RoleBinding" => round_trip::<RoleBinding>(object),
+            "MutatingWebhookConfiguration" => round_trip::<MutatingWebhookConfiguration>(object),
             other => panic!("deploy/ renders a {other} ({name}) this test does not know: add its type here"),
         };
         assert_eq!(back, numbers_as_floats(object.clone()), "{kind} {name} has fields Kubernetes does not know");
@@ -63,10 +73,13 @@ fn the_deploy_base_renders_and_every_object_is_valid_for_its_kind() {
         }
         kinds.push(kind);
     }
+    the_webhook_never_blocks_a_pod_and_reaches_the_operator(&objects);
     kinds.sort_unstable();
     assert_eq!(
         kinds,
         [
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ConfigMap",
             "ConfigMap",
             "CustomResourceDefinition",
@@ -74,8 +87,51 @@ fn the_deploy_base_renders_and_every_object_is_valid_for_its_kind() {
             "CustomResourceDefinition",
             "DaemonSet",
             "DaemonSet",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+            "Role",
+            "RoleBinding",
             "RuntimeClass",
-            "Secret"
+            "Secret",
+            "Service",
+            "ServiceAccount"
         ]
     );
+}
+
+/// The webhook configuration admits pods when the webhook fails, skips kube-system, and names the
+/// operator's Service on a port it has.
+fn the_webhook_never_blocks_a_pod_and_reaches_the_operator(objects: &[serde_json::Value]) {
+    let find = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("deploy/ renders no {kind} {name}"))
+    };
+    let config: MutatingWebhookConfiguration =
+        serde_json::from_value(find("MutatingWebhookConfiguration", "kybernate-operator").clone()).unwrap();
+    let [webhook] = config.webhooks.as_deref().unwrap_or_default() else { panic!("one webhook") };
+    assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"), "a failing webhook must not block pods");
+    assert_eq!(webhook.side_effects, "None");
+    assert_eq!(webhook.timeout_seconds, Some(5));
+    assert_eq!(webhook.admission_review_versions, ["v1"]);
+    let rules = webhook.rules.as_deref().unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        (rules[0].operations.as_deref(), rules[0].resources.as_deref()),
+        (Some(&["CREATE".to_string()][..]), Some(&["pods".to_string()][..]))
+    );
+    let excluded = webhook.namespace_selector.as_ref().and_then(|s| s.match_expressions.as_ref()).unwrap();
+    assert!(
+        excluded.iter().any(|r| r.key == "kubernetes.io/metadata.name"
+            && r.operator == "NotIn"
+            && r.values.as_deref() == Some(&["kube-system".to_string()][..])),
+        "kube-system is not excluded: {excluded:?}"
+    );
+    let target = webhook.client_config.service.as_ref().expect("the webhook calls a Service");
+    assert_eq!((target.path.as_deref(), target.port), (Some("/mutate"), Some(443)));
+    let service: Service = serde_json::from_value(find("Service", &target.name).clone()).unwrap();
+    assert_eq!(service.metadata.namespace.as_deref(), Some(target.namespace.as_str()));
+    let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(ports.iter().any(|p| p.port == 443), "{ports:?}");
 }
