@@ -11,25 +11,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-
-/// `object` read as `T` and written back: the same JSON when every field is one `T` knows.
-fn round_trip<T: DeserializeOwned + Serialize>(object: &serde_json::Value) -> serde_json::Value {
-    let typed: T = serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object}"));
-    numbers_as_floats(serde_json::to_value(typed).unwrap())
-}
-
-/// JSON with every number as a float, so that `0` and `0.0` (a schema's `minimum`) compare equal.
-fn numbers_as_floats(value: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match value {
-        Value::Number(n) => n.as_f64().map(Value::from).unwrap_or(Value::Number(n)),
-        Value::Array(items) => Value::Array(items.into_iter().map(numbers_as_floats).collect()),
-        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, numbers_as_floats(v))).collect()),
-        other => other,
-    }
-}
+mod common;
+use common::{numbers_as_floats, round_trip};
 
 #[test]
 fn the_deploy_base_renders_and_every_object_is_valid_for_its_kind() {
