@@ -49,7 +49,8 @@ fn admitted(pod: &Value, policy: &CheckpointPolicy, index: &StoreIndex) -> Value
         }
     }))
     .unwrap();
-    let out = serde_json::to_value(review(request.request.as_ref().unwrap(), std::slice::from_ref(policy), index)).unwrap();
+    let out =
+        serde_json::to_value(review(request.request.as_ref().unwrap(), std::slice::from_ref(policy), index)).unwrap();
     let response = &out["response"];
     assert_eq!(response["allowed"], true, "{response}");
     let bytes: Vec<u8> = match &response["patch"] {
