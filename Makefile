@@ -23,7 +23,7 @@ demo: deps
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	python3 scripts/module-cycles.py api/src operator/src checkpoint-core/src shim/src sidecar/src device-plugin/src agent/src tests/src
+	python3 scripts/module-cycles.py api/src metrics-http/src operator/src checkpoint-core/src shim/src sidecar/src device-plugin/src agent/src tests/src
 
 ## test: lint, then every unit and end-to-end test against real CRIU, runc and containerd (the system's
 ## 1.6, then the containerd tests again against containerd 1.7 from `make deps`)

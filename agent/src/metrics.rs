@@ -1,16 +1,10 @@
 //! Prometheus metrics of the agent's checkpoints, and the small HTTP server that serves them as text
 //! (`GET /metrics`), as the device plugin does.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::net::TcpListener;
 
 /// Upper bounds (seconds) of the checkpoint-duration histogram buckets.
@@ -90,40 +84,12 @@ impl Metrics {
 
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            tracing::warn!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8_lossy(&buf).into_owned()
+        kybernate_metrics::render(&self.registry)
     }
 
     /// Serves `GET /metrics` on `listener` until `shutdown` completes.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a metrics connection failed");
-                        continue;
-                    }
-                },
-            };
-            let metrics = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let response = respond(&metrics, &req);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                if let Err(e) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-                {
-                    tracing::debug!(error = %e, "metrics connection ended with an error");
-                }
-            });
-        }
+        kybernate_metrics::serve(self.registry, listener, shutdown).await
     }
 }
 
@@ -139,18 +105,6 @@ impl Drop for InFlight {
 /// Binds the metrics address (port 0 picks a free port).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
-}
-
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use GET\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "see /metrics\n".to_owned()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
-    response
 }
 
 #[cfg(test)]

@@ -1,18 +1,11 @@
 //! Prometheus metrics and the small HTTP server that serves them as text (`GET /metrics`).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
 
 /// Errors of the metrics registry and endpoint.
 #[derive(Debug, Error)]
@@ -86,12 +79,7 @@ impl Metrics {
 
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metrics; an error would yield a partial page.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            warn!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8_lossy(&buf).into_owned()
+        kybernate_metrics::render(&self.registry)
     }
 }
 
@@ -123,44 +111,8 @@ impl MetricsServer {
 
     /// Serves `GET /metrics` until `shutdown` completes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        warn!(error = %e, "accepting a metrics connection failed");
-                        continue;
-                    }
-                },
-            };
-            let metrics = self.metrics.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let response = respond(&metrics, &req);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                if let Err(e) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-                {
-                    debug!(error = %e, "metrics connection ended with an error");
-                }
-            });
-        }
+        kybernate_metrics::serve(self.metrics.registry, self.listener, shutdown).await
     }
-}
-
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use GET\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "see /metrics\n".to_owned()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
-    response
 }
 
 #[cfg(test)]

@@ -1,15 +1,9 @@
 //! Prometheus metrics of the webhook's admissions, and the small plain-HTTP server that serves them
 //! as text (`GET /metrics`), apart from the webhook's TLS port, as the agent and the device plugin do.
 
-use std::convert::Infallible;
 use std::future::Future;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::net::TcpListener;
 
 /// How one `POST /mutate` ended, the `outcome` label.
@@ -69,53 +63,13 @@ impl Metrics {
 
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            tracing::warn!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8_lossy(&buf).into_owned()
+        kybernate_metrics::render(&self.registry)
     }
 
     /// Serves `GET /metrics` on `listener` (plain HTTP/1.1) until `shutdown` completes.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a metrics connection failed");
-                        continue;
-                    }
-                },
-            };
-            let metrics = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let response = respond(&metrics, &req);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                if let Err(e) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-                {
-                    tracing::debug!(error = %e, "metrics connection ended with an error");
-                }
-            });
-        }
+        kybernate_metrics::serve(self.registry, listener, shutdown).await
     }
-}
-
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use GET\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "see /metrics\n".to_owned()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
-    response
 }
 
 #[cfg(test)]
