@@ -572,17 +572,74 @@ pub fn sweep_interrupted(root: &Path, max_depth: usize) -> Vec<PathBuf> {
 /// present with its recorded size and hash, with nothing added. Returns its manifest. It does not
 /// check who wrote it: a restore uses [`verify_trusted`].
 pub fn verify(dir: &Path) -> Result<Manifest> {
-    verify_sealed(dir, None).map(|(manifest, _)| manifest)
+    verify_sealed(dir, None, Defer::Nothing).map(|(manifest, _, _)| manifest)
 }
 
 /// [`verify`], after checking the manifest's signature against `trust` — first, before anything of
 /// the bundle is hashed or parsed. Returns the manifest and who signed it.
 pub fn verify_trusted(dir: &Path, trust: &TrustedKeys) -> Result<(Manifest, Provenance)> {
-    let (manifest, provenance) = verify_sealed(dir, Some(trust))?;
+    let (manifest, provenance, _) = verify_sealed(dir, Some(trust), Defer::Nothing)?;
     Ok((manifest, provenance.unwrap_or(Provenance::Unsigned)))
 }
 
-fn verify_sealed(dir: &Path, trust: Option<&TrustedKeys>) -> Result<(Manifest, Option<Provenance>)> {
+/// [`verify_trusted`] for a lazy restore: everything is checked as there, except that the memory
+/// page images (`pages-*.img`) are only checked for their sealed size; their hashes are left to
+/// [`DeferredHashes::verify`], run while CRIU's page server reads them.
+pub fn verify_trusted_deferring_pages(
+    dir: &Path,
+    trust: &TrustedKeys,
+) -> Result<(Manifest, Provenance, DeferredHashes)> {
+    let (manifest, provenance, deferred) = verify_sealed(dir, Some(trust), Defer::PageImages)?;
+    Ok((manifest, provenance.unwrap_or(Provenance::Unsigned), deferred))
+}
+
+/// Whether `rel` (a bundle-relative path) is one of CRIU's memory page images, which a lazy restore
+/// reads page by page while the container runs.
+pub fn is_page_image(rel: &str) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// Which files' hashes [`verify_bound`] leaves for later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Defer {
+    Nothing,
+    PageImages,
+}
+
+/// Files of a verified bundle whose sizes matched the manifest but whose hashes are still to be
+/// checked, with [`DeferredHashes::verify`]: the page images of a lazy restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeferredHashes {
+    dir: PathBuf,
+    files: BTreeMap<String, FileEntry>,
+}
+
+impl DeferredHashes {
+    /// Whether nothing is left to check.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// How many bytes are left to hash.
+    pub fn bytes(&self) -> u64 {
+        self.files.values().map(|f| f.size).sum()
+    }
+
+    /// Hashes the deferred files; an error names the first one that does not match its manifest
+    /// entry.
+    pub fn verify(&self) -> Result<()> {
+        let names: Vec<String> = self.files.keys().cloned().collect();
+        let actual = hash_all(&self.dir, &names, false, None)?;
+        compare(&self.dir, &self.files, &actual)
+    }
+}
+
+fn verify_sealed(
+    dir: &Path,
+    trust: Option<&TrustedKeys>,
+    defer: Defer,
+) -> Result<(Manifest, Option<Provenance>, DeferredHashes)> {
     if !dir.is_dir() {
         return Err(bundle_error(dir, "the directory does not exist"));
     }
@@ -602,7 +659,7 @@ fn verify_sealed(dir: &Path, trust: Option<&TrustedKeys>) -> Result<(Manifest, O
     }
     let complete = fs::read_to_string(dir.join(COMPLETE_MARKER))
         .map_err(|_| bundle_error(dir, format!("{COMPLETE_MARKER} is missing: the checkpoint did not finish")))?;
-    verify_bound(dir, &complete, COMPLETE_MARKER, trust)
+    verify_bound(dir, &complete, COMPLETE_MARKER, trust, defer)
 }
 
 /// What a [`PARTIAL_MARKER`] says is missing and why.
@@ -628,7 +685,7 @@ pub fn verify_partial(dir: &Path, trust: Option<&TrustedKeys>) -> Result<(Manife
             format!("the partial checkpoint has no manifest to verify it by ({reason}); it cannot be restored"),
         )
     })?;
-    let (manifest, provenance) = verify_bound(dir, binding, PARTIAL_MARKER, trust)?;
+    let (manifest, provenance, _) = verify_bound(dir, binding, PARTIAL_MARKER, trust, Defer::Nothing)?;
     Ok((manifest, reason, provenance))
 }
 
@@ -639,7 +696,8 @@ fn verify_bound(
     marker_text: &str,
     marker: &str,
     trust: Option<&TrustedKeys>,
-) -> Result<(Manifest, Option<Provenance>)> {
+    defer: Defer,
+) -> Result<(Manifest, Option<Provenance>, DeferredHashes)> {
     let json = fs::read(dir.join(MANIFEST_FILE)).map_err(|e| bundle_error(dir, format!("{MANIFEST_FILE}: {e}")))?;
     let provenance = match trust {
         Some(trust) => {
@@ -671,8 +729,26 @@ fn verify_bound(
     if let Some(extra) = on_disk.iter().find(|f| !manifest.files.contains_key(*f)) {
         return Err(bundle_error(dir, format!("{extra} is not listed in the manifest: the bundle was altered")));
     }
-    let actual = hash_all(dir, &on_disk, false, None)?;
-    for (rel, want) in &manifest.files {
+    let (later, now): (BTreeMap<String, FileEntry>, BTreeMap<String, FileEntry>) = manifest
+        .files
+        .clone()
+        .into_iter()
+        .partition(|(rel, _)| defer == Defer::PageImages && is_page_image(rel) && on_disk.contains(rel));
+    let hashed: Vec<String> = now.keys().filter(|rel| on_disk.contains(rel)).cloned().collect();
+    let mut actual = hash_all(dir, &hashed, false, None)?;
+    for (rel, want) in &later {
+        let size =
+            fs::metadata(dir.join(rel)).map_err(|e| Error::io(format!("stat {}", dir.join(rel).display()), e))?.len();
+        // Only the size is known before the deferred hash: a match leaves the hash to `verify`.
+        actual.insert(rel.clone(), FileEntry { size, sha256: want.sha256.clone() });
+    }
+    compare(dir, &manifest.files, &actual)?;
+    Ok((manifest, provenance, DeferredHashes { dir: dir.to_path_buf(), files: later }))
+}
+
+/// Checks every file `want` lists against what was measured of it.
+fn compare(dir: &Path, want: &BTreeMap<String, FileEntry>, actual: &BTreeMap<String, FileEntry>) -> Result<()> {
+    for (rel, want) in want {
         match actual.get(rel) {
             None => return Err(bundle_error(dir, format!("{rel} is missing"))),
             Some(got) if got.size != want.size => {
@@ -687,7 +763,7 @@ fn verify_bound(
             Some(_) => {}
         }
     }
-    Ok((manifest, provenance))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -773,6 +849,42 @@ mod tests {
         fs::remove_file(dir.path().join(SIGNATURE_FILE)).unwrap();
         let err = verify_trusted(dir.path(), &trusted).unwrap_err().to_string();
         assert!(err.contains("is not signed"), "{err}");
+    }
+
+    #[test]
+    fn a_lazy_verification_defers_only_the_page_images_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(CHECKPOINT_DIR)).unwrap();
+        fs::write(dir.path().join(CHECKPOINT_DIR).join("pages-1.img"), vec![3u8; 10_000]).unwrap();
+        fs::write(dir.path().join(CHECKPOINT_DIR).join("inventory.img"), b"inv").unwrap();
+        let key = SigningKey::generate().unwrap();
+        let identity = ContainerIdentity { namespace: "default".into(), name: "c".into(), ..Default::default() };
+        seal_with(
+            dir.path(),
+            Manifest::new(HostInfo::default(), identity),
+            &Seal { signer: Some(&key), ..Seal::default() },
+        )
+        .unwrap();
+        let trusted = TrustedKeys::default().with(key.trusted());
+        let (_, _, deferred) = verify_trusted_deferring_pages(dir.path(), &trusted).unwrap();
+        assert_eq!(deferred.bytes(), 10_000);
+        deferred.verify().unwrap();
+
+        // Pages changed in place (same size): found by the deferred check only.
+        let pages = dir.path().join("checkpoint/pages-1.img");
+        fs::write(&pages, vec![4u8; 10_000]).unwrap();
+        let (_, _, deferred) = verify_trusted_deferring_pages(dir.path(), &trusted).unwrap();
+        let err = deferred.verify().unwrap_err().to_string();
+        assert!(err.contains("checkpoint/pages-1.img does not match its sha256"), "{err}");
+        // Truncated pages, and any other file changed, are refused before anything runs.
+        fs::write(&pages, vec![3u8; 9_999]).unwrap();
+        let err = verify_trusted_deferring_pages(dir.path(), &trusted).unwrap_err().to_string();
+        assert!(err.contains("checkpoint/pages-1.img is 9999 bytes, sealed with 10000: truncated"), "{err}");
+        fs::write(&pages, vec![3u8; 10_000]).unwrap();
+        fs::write(dir.path().join("checkpoint/inventory.img"), b"INV").unwrap();
+        let err = verify_trusted_deferring_pages(dir.path(), &trusted).unwrap_err().to_string();
+        assert!(err.contains("checkpoint/inventory.img does not match its sha256"), "{err}");
+        assert!(is_page_image("checkpoint/pages-12.img") && !is_page_image("checkpoint/pagemap-1.img"));
     }
 
     #[test]

@@ -163,6 +163,16 @@ pub enum Error {
         /// What was undone so the workload keeps running (or why it could not be).
         rollback: String,
     },
+    /// CRIU's lazy-pages daemon of a lazy restore failed to start or ended before every page was in.
+    #[error("criu lazy-pages {what}; its log is at {}:\n{tail}", .log.display())]
+    LazyPages {
+        /// What went wrong.
+        what: String,
+        /// The daemon's log.
+        log: PathBuf,
+        /// The log's last lines.
+        tail: String,
+    },
     /// Any other I/O error, with the object it concerned.
     #[error("{context}: {source}")]
     Io {

@@ -2,7 +2,7 @@
 //! them from the pod and container metadata when the runtime handler's `pod_annotations` /
 //! `container_annotations` allow-lists name `kybernate.io/*`; `ctr run --annotation` sets them too).
 
-use crate::config::ShimConfig;
+use crate::config::{RestoreMode, ShimConfig};
 use crate::error::{Result, ShimError};
 use crate::spec::SpecInfo;
 
@@ -22,6 +22,9 @@ pub const RESTORE_POLICY: &str = "kybernate.io/restore-policy";
 /// A restore grant (a token the operator signs, see `docs/security.md`) that lets this pod restore a
 /// bundle of another tenant, the one the grant names.
 pub const RESTORE_GRANT: &str = "kybernate.io/restore-grant";
+/// `lazy` or `full`: how the container's memory is restored (wins over the config's
+/// `restore_mode`).
+pub const RESTORE_MODE: &str = "kybernate.io/restore-mode";
 /// CRI's container type: `sandbox` for the pod's pause container, `container` for the others.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
@@ -86,6 +89,18 @@ pub fn restore_policy(spec: &SpecInfo) -> Result<Option<RestorePolicy>> {
     }
 }
 
+/// How the container's memory is restored: its annotation, else the configuration's default.
+pub fn restore_mode(spec: &SpecInfo, config: &ShimConfig) -> Result<RestoreMode> {
+    match spec.annotation(RESTORE_MODE) {
+        None => Ok(config.restore_mode),
+        Some("full") => Ok(RestoreMode::Full),
+        Some("lazy") => Ok(RestoreMode::Lazy),
+        Some(other) => Err(ShimError::InvalidArgument(format!(
+            "annotation {RESTORE_MODE}={other:?} is not a restore mode: use \"full\" or \"lazy\""
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +139,20 @@ mod tests {
         );
         let err = restore_policy(&spec(&[(RESTORE_POLICY, "retry")])).unwrap_err().to_string();
         assert!(err.contains("fallback-fresh"), "{err}");
+    }
+
+    #[test]
+    fn restore_mode_follows_the_annotation_then_the_config() {
+        let full = ShimConfig::default();
+        let lazy = ShimConfig { restore_mode: RestoreMode::Lazy, ..Default::default() };
+        assert_eq!(restore_mode(&spec(&[]), &full).unwrap(), RestoreMode::Full);
+        assert_eq!(restore_mode(&spec(&[]), &lazy).unwrap(), RestoreMode::Lazy);
+        assert_eq!(restore_mode(&spec(&[(RESTORE_MODE, "lazy")]), &full).unwrap(), RestoreMode::Lazy);
+        assert_eq!(restore_mode(&spec(&[(RESTORE_MODE, "full")]), &lazy).unwrap(), RestoreMode::Full);
+        let err = restore_mode(&spec(&[(RESTORE_MODE, "fast")]), &full).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "annotation kybernate.io/restore-mode=\"fast\" is not a restore mode: use \"full\" or \"lazy\""
+        );
     }
 }

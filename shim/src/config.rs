@@ -120,6 +120,10 @@ pub struct ShimConfig {
     pub trusted_keys: Vec<PathBuf>,
     /// Restore bundles no trusted key signed (and containerd task images without a manifest).
     pub allow_unsigned: bool,
+    /// How restores go unless a container's `kybernate.io/restore-mode` says otherwise: `full`
+    /// (memory restored before the container runs) or `lazy` (it runs at once while its memory is
+    /// copied in; see docs/shim.md).
+    pub restore_mode: RestoreMode,
     /// Where `kybernate.io/restore-from` may point: absolute directories, `file:///…` and
     /// `s3://bucket[/prefix]`. When unset: `checkpoint_dir` and the sidecar's default store.
     pub restore_roots: Option<Vec<String>>,
@@ -128,6 +132,19 @@ pub struct ShimConfig {
     pub tenant_grants: Vec<TenantGrant>,
     /// Public keys whose restore grants (`kybernate.io/restore-grant`) are accepted: the operator's.
     pub grant_keys: Vec<PathBuf>,
+}
+
+/// How a container's memory is restored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreMode {
+    /// Every page is in before the container runs.
+    #[default]
+    Full,
+    /// The container runs as soon as its processes exist; CRIU's lazy-pages daemon copies each page
+    /// in when it is first touched and the rest in the background. Falls back to `Full`, with the
+    /// reason logged, where the kernel lacks userfaultfd or the bundle holds GPU state.
+    Lazy,
 }
 
 /// One `tenant_grants` entry.
@@ -170,6 +187,7 @@ impl Default for ShimConfig {
             signing_key: PathBuf::from(DEFAULT_SIGNING_KEY),
             trusted_keys: vec![PathBuf::from(DEFAULT_TRUSTED_KEYS)],
             allow_unsigned: false,
+            restore_mode: RestoreMode::Full,
             restore_roots: None,
             tenant_grants: Vec::new(),
             grant_keys: Vec::new(),

@@ -153,11 +153,6 @@ fn two_containers_stopping_at_once_get_a_bundle_each() {
 }
 
 /// The exit status the shim reports for `id`'s init process (its Wait answer), once it exited.
-fn exit_status(c: &Containerd, id: &str) -> u32 {
-    let wait = containerd_shim_protos::shim::shim::WaitRequest { id: id.into(), ..Default::default() };
-    shim_client(c, id).wait(ttrpc_timeout(), &wait).unwrap().exit_status
-}
-
 #[test]
 fn without_criu_a_stop_fails_its_checkpoint_clearly_and_the_container_stops_on_its_signal() {
     let (c, image) = setup_with(&format!("{CHECKPOINTS}criu_binary = \"/nonexistent/criu\"\n"));

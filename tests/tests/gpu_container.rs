@@ -154,6 +154,7 @@ fn open(out: &Path, ctx: Arc<GpuContext>) -> checkpoint_core::Result<RestorableB
     let opts = OpenOptions {
         accept_unsealed: false,
         accept_partial: false,
+        lazy: false,
         gpu: &gpu,
         gpu_match: GpuMatch::default(),
         trust: &trust,
@@ -194,8 +195,9 @@ fn gpu_container_is_checkpointed_with_its_gpu_state_and_restored_onto_another_gp
 
     assert!(log.calls().is_empty(), "no GPU step before the restore");
     let criu = Criu::from_path();
-    let report =
-        restore_container_bundle(&runc, &criu, &opened, &target(dir.path(), &container), Default::default()).unwrap();
+    let report = restore_container_bundle(&runc, &criu, &opened, &target(dir.path(), &container), Default::default())
+        .unwrap()
+        .report;
     let restored = RuncContainer::adopt(runc.root().unwrap(), &container.id, &container.bundle, report.pid);
     // the GPU steps ran on the restored process, after runc restore gave it its pid
     assert_eq!(log.calls(), [format!("restore {} moving 1", report.pid), format!("unlock {}", report.pid)]);

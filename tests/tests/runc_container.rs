@@ -50,6 +50,7 @@ fn container_is_checkpointed_and_restored_with_its_state() {
         pid_file: None,
         console_socket: None,
         no_pivot: false,
+        lazy_pages: false,
     };
     let restored = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap();
     let restored = RuncContainer::adopt(runc.root().unwrap(), "ck-restore", &container.bundle, restored.pid);
@@ -153,6 +154,7 @@ fn restore_of_a_corrupt_image_fails_and_leaves_nothing_behind() {
         pid_file: None,
         console_socket: None,
         no_pivot: false,
+        lazy_pages: false,
     };
     let err = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap_err();
     let text = err.to_string();
@@ -218,6 +220,7 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
     let open = OpenOptions {
         accept_unsealed: false,
         accept_partial: false,
+        lazy: false,
         gpu: &no_gpu,
         gpu_match: Default::default(),
         trust: &trust,
@@ -233,7 +236,7 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
         console_socket: None,
         no_pivot: false,
     };
-    let report = restore_container_bundle(&runc, &criu, &opened, &target, ChildStdio::default()).unwrap();
+    let report = restore_container_bundle(&runc, &criu, &opened, &target, ChildStdio::default()).unwrap().report;
     let restored = RuncContainer::adopt(plain.root().unwrap(), "ck-systemd", &container.bundle, report.pid);
     assert_eq!(restored.status().as_deref(), Some("running"));
     wait_counter_past(&container.bundle, stopped_at).unwrap();
@@ -316,6 +319,7 @@ fn restore_bundle_with(
     let open = OpenOptions {
         accept_unsealed: false,
         accept_partial: partial,
+        lazy: false,
         gpu: &no_gpu,
         gpu_match: Default::default(),
         trust: &trust,
@@ -331,7 +335,7 @@ fn restore_bundle_with(
         console_socket: None,
         no_pivot: false,
     };
-    let report = restore_container_bundle(runc, criu, &opened, &target, ChildStdio::default()).unwrap();
+    let report = restore_container_bundle(runc, criu, &opened, &target, ChildStdio::default()).unwrap().report;
     RuncContainer::adopt(runc.root().unwrap(), &container.id, &container.bundle, report.pid)
 }
 

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::mounts::MappedMount;
-use crate::bundle::{self, BundleLayout, Manifest, MANIFEST_FILE};
-use crate::criu::Criu;
+use crate::bundle::{self, BundleLayout, DeferredHashes, Manifest, MANIFEST_FILE};
+use crate::criu::lazy_pages::LazyPageServer;
+use crate::criu::{Criu, Feature};
 use crate::error::{Error, GpuStep, Result};
 use crate::gpu::{gpu_error, GpuContext, GpuMatch, GpuRestorePlan};
 use crate::options::{CriuFlags, RestoreOptions};
@@ -39,6 +40,10 @@ pub struct OpenOptions<'a> {
     /// The tenant check, when the restore is done for a tenant: the bundle's recorded tenant must be
     /// the target's, or the policy must grant the pair.
     pub tenant: Option<TenantCheck<'a>>,
+    /// Restore lazily where this node and the bundle allow it (see [`RestorableBundle::lazy`]): the
+    /// kernel has non-cooperative userfaultfd and the bundle holds no GPU state. Otherwise, or when
+    /// `false`, the restore is full, and the reason is logged.
+    pub lazy: bool,
 }
 
 /// Who a bundle is restored for (see [`crate::tenant`]).
@@ -72,6 +77,10 @@ pub struct RestorableBundle {
     pub partial: Option<String>,
     /// Who signed it.
     pub provenance: Provenance,
+    /// `Some` when it is restored lazily: the hashes of its page images, which were checked for
+    /// their size only, are checked while the page server reads them (a mismatch kills the
+    /// container); everything else was verified before anything reached CRIU.
+    pub lazy: Option<DeferredHashes>,
 }
 
 impl RestorableBundle {
@@ -154,6 +163,8 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
         return Err(refuse("the directory does not exist".into()));
     }
     let mut partial = None;
+    let lazy = opts.lazy && lazy_supported(criu, dir);
+    let mut deferred = None;
     let has_markers = bundle::has_kybernate_files(dir);
     let nested = dir.join(bundle::CHECKPOINT_DIR);
     let (manifest, provenance) = if !has_markers && nested.join(MANIFEST_FILE).exists() {
@@ -182,6 +193,10 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
             tracing::warn!(bundle = %dir.display(), %missing, "restoring a partial checkpoint (allow-partial)");
             partial = Some(missing);
             (manifest, provenance.unwrap_or(Provenance::Unsigned))
+        } else if lazy {
+            let (manifest, provenance, pages) = bundle::verify_trusted_deferring_pages(dir, opts.trust)?;
+            deferred = Some(pages);
+            (manifest, provenance)
         } else {
             bundle::verify_trusted(dir, opts.trust)?
         };
@@ -219,7 +234,34 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
     };
     // Images of other shims carry no flags: CRIU's defaults, as runc's restore assumes.
     let flags = manifest.as_ref().and_then(|m| m.criu_flags.clone()).unwrap_or_default();
-    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu, partial, provenance })
+    let lazy = match (lazy, &gpu) {
+        (true, Some(_)) => {
+            tracing::info!(bundle = %dir.display(), "restoring fully, not lazily: the bundle holds GPU state, which the CUDA driver restores from the whole of host memory");
+            None
+        }
+        (true, None) => Some(deferred.take().unwrap_or_default()),
+        (false, _) => None,
+    };
+    if let Some(pages) = deferred {
+        pages.verify()?;
+    }
+    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu, partial, provenance, lazy })
+}
+
+/// Whether a lazy restore of `dir` is possible on this node: CRIU finds non-cooperative
+/// userfaultfd in the kernel. The reason is logged when it is not.
+fn lazy_supported(criu: &Criu, dir: &Path) -> bool {
+    match criu.has_feature(Feature::LazyPages) {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(bundle = %dir.display(), reason = Feature::LazyPages.missing_explanation(), "restoring fully, not lazily");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(bundle = %dir.display(), error = %e, "restoring fully, not lazily: CRIU's features could not be checked");
+            false
+        }
+    }
 }
 
 /// Whether `dir` is a KEP-2008 checkpoint archive (unpacked) that Kybernate did not write: CRIU's
@@ -289,10 +331,83 @@ pub struct RestoreTarget {
     pub no_pivot: bool,
 }
 
+/// A restored container.
+#[derive(Debug)]
+pub struct Restored {
+    /// How the restore went.
+    pub report: RestoreReport,
+    /// The background fill of a lazy restore; `None` for a full one.
+    pub fill: Option<LazyFill>,
+}
+
+/// The rest of a lazy restore, after the container runs: CRIU's page server copies the remaining
+/// pages in while the page images' deferred hashes are checked. If the server dies early or a hash
+/// does not match, the container is killed (`runc kill --all … KILL`), so it never runs on with
+/// pages missing or pages it should not have.
+#[derive(Debug)]
+pub struct LazyFill {
+    daemon: u32,
+    done: std::thread::JoinHandle<Result<()>>,
+}
+
+impl LazyFill {
+    /// The page server's pid.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon
+    }
+
+    /// Whether every page is in and verified, or the container was killed ([`LazyFill::wait`] says
+    /// which).
+    pub fn is_finished(&self) -> bool {
+        self.done.is_finished()
+    }
+
+    /// Waits for the end of the fill: `Ok` once every page is in and verified; the error that
+    /// got the container killed otherwise.
+    pub fn wait(self) -> Result<()> {
+        self.done.join().unwrap_or_else(|_| {
+            Err(Error::io("watching a lazy restore", std::io::Error::other("the supervisor panicked")))
+        })
+    }
+}
+
+/// Watches the fill of a lazy restore of container `id` (see [`LazyFill`]).
+fn supervise_fill(runc: &Runc, id: &str, server: LazyPageServer, pages: DeferredHashes) -> Result<LazyFill> {
+    let daemon = server.pid();
+    let (runc, id) = (runc.clone(), id.to_string());
+    let done = std::thread::Builder::new()
+        .name("lazy-fill".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            // The server copies pages in on its own; the page images are hashed meanwhile.
+            let verified = pages.verify();
+            if verified.is_err() {
+                server.kill();
+            }
+            let filled = server.wait();
+            let result = verified.and(filled);
+            match &result {
+                Ok(()) => tracing::info!(%id, fill_ms = started.elapsed().as_millis() as u64, "lazy restore: every page is in and verified"),
+                Err(e) => {
+                    let killed = match runc.kill(&id, libc::SIGKILL as u32, true) {
+                        Ok(()) => "it was killed".to_string(),
+                        Err(kill) => format!("killing it failed: {kill}"),
+                    };
+                    tracing::error!(%id, error = %e, "lazy restore failed after the container started; {killed}");
+                }
+            }
+            result
+        })
+        .map_err(|e| Error::io("starting the lazy-restore supervisor", e))?;
+    Ok(LazyFill { daemon, done })
+}
+
 /// Restores `bundle` (opened with [`open_container_bundle`], its writable layer applied) into
 /// `target`: `runc restore --detach` with the dump's CRIU flags and the given stdio, then — when the
 /// bundle holds GPU state — the GPU restore and unlock of each GPU process (see
-/// [`GpuRestorePlan::restore`]). Returns once the container runs.
+/// [`GpuRestorePlan::restore`]). Returns once the container runs. A bundle opened for a lazy
+/// restore is restored with CRIU's lazy-pages daemon serving its memory, and its fill is watched
+/// in the background ([`Restored::fill`]).
 ///
 /// On failure nothing is left running: a half-restored container is deleted (runc's, or ours when the
 /// GPU state could not be restored), and the bundle is untouched for another try.
@@ -302,7 +417,7 @@ pub fn restore_container_bundle(
     bundle: &RestorableBundle,
     target: &RestoreTarget,
     stdio: ChildStdio,
-) -> Result<RestoreReport> {
+) -> Result<Restored> {
     let req = ContainerRestore {
         id: target.id.clone(),
         bundle: target.bundle.clone(),
@@ -315,8 +430,29 @@ pub fn restore_container_bundle(
         pid_file: target.pid_file.clone(),
         console_socket: target.console_socket.clone(),
         no_pivot: target.no_pivot,
+        lazy_pages: bundle.lazy.is_some(),
     };
-    let report = restore_container(runc, criu, &req, stdio)?;
+    let server = match bundle.lazy {
+        Some(_) => {
+            let work_dir = target.work_dir.clone().unwrap_or_else(|| req.image_dir.clone());
+            Some(LazyPageServer::start(criu, &req.image_dir, &work_dir)?)
+        }
+        None => None,
+    };
+    let report = match restore_container(runc, criu, &req, stdio) {
+        Ok(report) => report,
+        Err(e) => {
+            if let Some(server) = server {
+                server.kill();
+                let _ = server.wait();
+            }
+            return Err(e);
+        }
+    };
+    let fill = match (server, &bundle.lazy) {
+        (Some(server), Some(pages)) => Some(supervise_fill(runc, &req.id, server, pages.clone())?),
+        _ => None,
+    };
     if let Some(gpu) = &bundle.gpu {
         let id = req.id.as_str();
         let take_down = || {
@@ -329,5 +465,5 @@ pub fn restore_container_bundle(
         let pids = runc.ps(id).map_err(|e| gpu_error(GpuStep::Restore, e.to_string(), take_down()))?;
         gpu.restore(id, &pids, &take_down)?;
     }
-    Ok(report)
+    Ok(Restored { report, fill })
 }

@@ -131,6 +131,20 @@ impl ImageManifest {
     }
 }
 
+/// Makes sure `image_dir` looks like a CRIU image directory before CRIU is asked to restore it.
+pub(crate) fn check_image_dir(image_dir: &Path) -> Result<()> {
+    let bad = |reason: &str| Error::BadImage { path: image_dir.to_path_buf(), reason: reason.to_string() };
+    if !image_dir.is_dir() {
+        return Err(bad("the directory does not exist"));
+    }
+    if !image_dir.join("inventory.img").is_file() {
+        return Err(bad(
+            "inventory.img is missing: this is not a CRIU image directory, or the checkpoint did not finish",
+        ));
+    }
+    ImageManifest::verify(image_dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The CRIU binary: locating it, its version, and what this kernel lets it do.
 
 pub mod image;
+pub mod lazy_pages;
 pub mod stats;
 
 use std::fmt;

@@ -19,7 +19,7 @@ pub fn restore_process(criu: &Criu, image_dir: &Path, opts: &RestoreOptions) -> 
     let started = Instant::now();
     opts.validate()?;
     criu.version()?;
-    fsutil::check_image_dir(image_dir)?;
+    crate::criu::image::check_image_dir(image_dir)?;
     let pids = image_pids(image_dir)?;
     let work_dir = fsutil::work_dir_or(&opts.work_dir, image_dir);
     fsutil::ensure_dir(&work_dir)?;

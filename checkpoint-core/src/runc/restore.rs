@@ -27,6 +27,9 @@ pub struct ContainerRestore {
     pub console_socket: Option<PathBuf>,
     /// Do not use pivot_root (rootfs on a ramdisk).
     pub no_pivot: bool,
+    /// Restore memory lazily (`--lazy-pages`): a `criu lazy-pages` daemon must listen in the work
+    /// directory (see [`crate::criu::lazy_pages`]).
+    pub lazy_pages: bool,
 }
 
 /// Restores a container with `runc restore --detach`; returns once it runs.
@@ -38,7 +41,7 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, stdio
     let started = Instant::now();
     req.options.validate()?;
     criu.version()?;
-    fsutil::check_image_dir(&req.image_dir)?;
+    crate::criu::image::check_image_dir(&req.image_dir)?;
     if !req.bundle.join("config.json").is_file() {
         return Err(Error::Directory {
             path: req.bundle.clone(),
@@ -74,6 +77,9 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, stdio
     }
     if req.no_pivot {
         cmd.arg("--no-pivot");
+    }
+    if req.lazy_pages {
+        cmd.arg("--lazy-pages");
     }
     cmd.arg(&req.id);
     stdio.apply(&mut cmd);

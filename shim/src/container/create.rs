@@ -102,7 +102,7 @@ pub fn prepare(ctx: &CreateContext<'_>, req: &CreateRequest) -> Result<Prepared>
     let restore = match req.checkpoint.as_str() {
         "" => restore_from::resolve(&spec, &req.id, ctx.namespace, &config, &criu, ctx.reaper)?,
         dir => {
-            let restoring = restore_from::Restoring::new(&spec, ctx.namespace, dir);
+            let restoring = restore_from::Restoring::new(&spec, ctx.namespace, dir, &config)?;
             Some(open_task_checkpoint(Path::new(dir), &req.parent_checkpoint, &config, &criu, &restoring)?)
         }
     };

@@ -39,7 +39,7 @@ use crate::annotations::{
     is_sandbox, restore_policy, RestorePolicy, CONTAINER_NAME, POD_NAMESPACE, RESTORE_FROM,
     RESTORE_FROM_CONTAINER_PREFIX, RESTORE_GRANT, RESTORE_POLICY,
 };
-use crate::config::ShimConfig;
+use crate::config::{RestoreMode, ShimConfig};
 use crate::error::{Result, ShimError};
 use crate::reaper::Reaper;
 use crate::spec::SpecInfo;
@@ -57,18 +57,22 @@ pub(super) struct Restoring<'a> {
     pub reference: &'a str,
     /// `kybernate.io/restore-grant`, if set.
     pub grant: Option<&'a str>,
+    /// Whether the restore is lazy where the node and bundle allow it (`kybernate.io/restore-mode`,
+    /// else the config's `restore_mode`).
+    pub lazy: bool,
 }
 
 impl<'a> Restoring<'a> {
     /// The restore `spec` asks for from `reference`, by a container in containerd namespace
     /// `namespace`: its tenant is its pod's Kubernetes namespace, else that containerd namespace.
-    pub fn new(spec: &'a SpecInfo, namespace: &str, reference: &'a str) -> Self {
+    pub fn new(spec: &'a SpecInfo, namespace: &str, reference: &'a str, config: &ShimConfig) -> Result<Self> {
         let identity = ContainerIdentity {
             namespace: namespace.to_string(),
             kube_namespace: spec.annotation(POD_NAMESPACE).map(str::to_string),
             ..Default::default()
         };
-        Restoring { target: Tenant::of(&identity), reference, grant: spec.annotation(RESTORE_GRANT) }
+        let lazy = crate::annotations::restore_mode(spec, config)? == RestoreMode::Lazy;
+        Ok(Restoring { target: Tenant::of(&identity), reference, grant: spec.annotation(RESTORE_GRANT), lazy })
     }
 }
 
@@ -116,7 +120,7 @@ pub fn resolve(
         }
         Ok(Located::Bundle(dir)) => {
             let accept_partial = policy == Some(RestorePolicy::AllowPartial);
-            open(&dir, config, criu, false, accept_partial, &Restoring::new(spec, namespace, reference))
+            open(&dir, config, criu, false, accept_partial, &Restoring::new(spec, namespace, reference, config)?)
         }
         Err(e) => Err(e),
     };
@@ -166,6 +170,7 @@ pub(super) fn open(
         gpu_match: Default::default(),
         trust: &trust,
         tenant: Some(tenant),
+        lazy: restoring.lazy,
     };
     Ok(open_container_bundle(dir, criu, &opts)?)
 }

@@ -57,8 +57,8 @@ impl Container {
             console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
             no_pivot: self.flags.no_pivot,
         };
-        let report =
-            restore_container_bundle(&self.runc, &self.criu, bundle, &target, io.take_child_stdio()).map_err(|e| {
+        let restored = restore_container_bundle(&self.runc, &self.criu, bundle, &target, io.take_child_stdio())
+            .map_err(|e| {
                 match e {
                     // The image could not be brought back (checkpoint-core removed what was created).
                     e @ (checkpoint_core::Error::Runc { .. } | checkpoint_core::Error::Gpu { .. }) => {
@@ -71,6 +71,7 @@ impl Container {
                     e => ShimError::from(e),
                 }
             })?;
+        let report = restored.report;
         let pid = report.pid;
         if let Some(console) = &console {
             io.attach_console(&self.id, console.receive_master(CONSOLE_TIMEOUT)?)?;
@@ -94,8 +95,11 @@ impl Container {
             from = bundle.manifest.as_ref().map(|m| m.container.id.as_str()).unwrap_or("an image without manifest"),
             total_ms = report.timings.total.as_millis() as u64,
             pages = report.pages_restored,
+            lazy_page_server = restored.fill.as_ref().map(|f| f.daemon_pid()),
             "container restored"
         );
+        // A lazy restore's fill goes on in checkpoint-core's supervisor, which kills the container
+        // (its exit is then reported as any other) if a page cannot be brought in or verified.
         Ok(pid as u32)
     }
 }

@@ -93,6 +93,12 @@ pub fn shim_client(c: &Containerd, id: &str) -> containerd_shim_protos::TaskClie
     containerd_shim_protos::TaskClient::new(client)
 }
 
+/// The exit status of task `id` (it has stopped), as its shim reports it.
+pub fn exit_status(c: &Containerd, id: &str) -> u32 {
+    let wait = containerd_shim_protos::shim::shim::WaitRequest { id: id.into(), ..Default::default() };
+    shim_client(c, id).wait(ttrpc_timeout(), &wait).unwrap().exit_status
+}
+
 pub fn ttrpc_timeout() -> containerd_shim_protos::ttrpc::context::Context {
     containerd_shim_protos::ttrpc::context::with_timeout(TIMEOUT.as_nanos() as i64)
 }
