@@ -1,7 +1,11 @@
 //! The agent's errors, each mapped to the gRPC code a client acts on; the message keeps the whole
-//! source chain.
+//! source chain. [`TlsError`] is the TCP listener's and its client's mutual TLS set-up.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{pem, InvalidDnsNameError};
 
 /// What can go wrong serving the agent's API.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +130,126 @@ impl From<AgentError> for tonic::Status {
     fn from(e: AgentError) -> Self {
         tonic::Status::new(e.code(), e.chain())
     }
+}
+
+/// What can go wrong setting up mutual TLS, for the agent's TCP listener ([`crate::tls::acceptor`])
+/// or for a client of it ([`crate::tls::connect`]). Each message names the file or flag, what is
+/// wrong, and the fix; the cause is its source.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// `--listen-tcp` was given without one of the three files mutual TLS needs.
+    #[error(
+        "--listen-tcp {addr} needs {flag} (or ${env}): mutual TLS needs the agent's certificate chain (--tls-cert), \
+         its key (--tls-key) and the CA bundle its clients' certificates chain to (--tls-client-ca); give all \
+         three, or drop --listen-tcp"
+    )]
+    MissingFlag {
+        /// The `--listen-tcp` address.
+        addr: SocketAddr,
+        /// The missing flag.
+        flag: &'static str,
+        /// Its environment variable.
+        env: &'static str,
+    },
+    /// A PEM file could not be read.
+    #[error("cannot read the {what} {}; check the path and that this process may read it", .path.display())]
+    Read {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing of the kind needed, or is malformed.
+    #[error("the {what} {} is not usable PEM; it must hold {expected}", .path.display())]
+    Pem {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What it must hold.
+        expected: &'static str,
+        /// What the PEM parser said.
+        #[source]
+        source: pem::Error,
+    },
+    /// A certificate of a CA bundle is no usable trust anchor.
+    #[error("a certificate in the {what} {} is not a usable CA certificate; give the CA's own PEM certificate(s)", .path.display())]
+    Ca {
+        /// What the bundle is for.
+        what: &'static str,
+        /// The bundle.
+        path: PathBuf,
+        /// What rustls said.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// The client CA bundle makes no verifier of client certificates.
+    #[error(
+        "the client CA bundle {} makes no client-certificate verifier; give the PEM certificate(s) of the CA that \
+         signs the clients' certificates",
+        .path.display()
+    )]
+    ClientVerifier {
+        /// The bundle.
+        path: PathBuf,
+        /// What rustls said.
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// rustls refused a certificate chain and its key.
+    #[error(
+        "the certificate chain {} and key {} make no TLS {side}; check that the chain is leaf first and the key is \
+         the leaf certificate's own",
+        .cert.display(),
+        .key.display()
+    )]
+    Identity {
+        /// `server` or `client`.
+        side: &'static str,
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The key.
+        key: PathBuf,
+        /// What rustls said.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// The name to verify the agent's certificate against is neither a DNS name nor an IP address.
+    #[error(
+        "{name:?} is not a DNS name or IP address to verify the agent's certificate against; give one of the \
+         names in its subjectAltName"
+    )]
+    ServerName {
+        /// The name.
+        name: String,
+        /// Why.
+        #[source]
+        source: InvalidDnsNameError,
+    },
+    /// The agent's endpoint is not `host:port`.
+    #[error("{endpoint:?} is not an agent endpoint; give host:port, e.g. 10.0.0.5:7443")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// What tonic said.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The agent could not be reached, or the TLS handshake with it failed.
+    #[error(
+        "cannot connect to the agent at {endpoint} over mutual TLS; is it listening there (--listen-tcp), and do \
+         its certificate and the client's chain to the CAs each side trusts?"
+    )]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// What tonic said (the TCP or TLS error is its source).
+        #[source]
+        source: tonic::transport::Error,
+    },
 }
 
 /// The agent's results.

@@ -9,17 +9,29 @@ use clap::Parser;
 use kybernate_agent::metrics::Metrics;
 use kybernate_agent::push::Sidecar;
 use kybernate_agent::server::DEFAULT_SOCKET;
-use kybernate_agent::{AgentConfig, AgentService};
+use kybernate_agent::{AgentConfig, AgentService, TlsError};
 use kybernate_shim::config::{ShimConfig, DEFAULT_CONFIG_PATH};
 
 /// Kybernate's node agent: checkpoints this node's containers through the Kybernate shim, and lists
-/// and deletes its bundles, over gRPC on a Unix socket.
+/// and deletes its bundles, over gRPC on a Unix socket (and, with --listen-tcp, on TCP with mutual TLS).
 #[derive(Parser)]
 #[command(name = "kybernate-agent", version)]
 struct Cli {
     /// The Unix socket to serve on (created mode 0600; a stale one is replaced).
     #[arg(long, env = "KYBERNATE_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Also serve on this TCP address, with mutual TLS (needs --tls-cert, --tls-key and --tls-client-ca).
+    #[arg(long, env = "KYBERNATE_AGENT_LISTEN_TCP")]
+    listen_tcp: Option<SocketAddr>,
+    /// The agent's PEM certificate chain (leaf first) for --listen-tcp.
+    #[arg(long, env = "KYBERNATE_AGENT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "KYBERNATE_AGENT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The PEM CA bundle that clients' certificates must chain to; other clients are refused.
+    #[arg(long, env = "KYBERNATE_AGENT_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// containerd's gRPC socket.
     #[arg(long, env = "KYBERNATE_CONTAINERD_SOCKET", default_value = "/run/containerd/containerd.sock")]
     containerd_socket: PathBuf,
@@ -58,6 +70,22 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
         .init();
+    // Mutual TLS is set up before anything else, so that a bad certificate stops the agent at once.
+    let tcp = match cli.listen_tcp {
+        Some(addr) => {
+            let need = |file: Option<PathBuf>, flag, env| file.ok_or(TlsError::MissingFlag { addr, flag, env });
+            let cert = need(cli.tls_cert, "--tls-cert", "KYBERNATE_AGENT_TLS_CERT")?;
+            let key = need(cli.tls_key, "--tls-key", "KYBERNATE_AGENT_TLS_KEY")?;
+            let client_ca = need(cli.tls_client_ca, "--tls-client-ca", "KYBERNATE_AGENT_TLS_CLIENT_CA")?;
+            Some((addr, kybernate_agent::tls::acceptor(&cert, &key, &client_ca)?))
+        }
+        None => {
+            if cli.tls_cert.is_some() || cli.tls_key.is_some() || cli.tls_client_ca.is_some() {
+                tracing::warn!("--tls-cert, --tls-key and --tls-client-ca do nothing without --listen-tcp");
+            }
+            None
+        }
+    };
     let shim = ShimConfig::load(&cli.shim_config, cli.shim_config != std::path::Path::new(DEFAULT_CONFIG_PATH))
         .with_context(|| format!("reading the shim config {}", cli.shim_config.display()))?;
     let node_name = match cli.node_name {
@@ -90,14 +118,28 @@ fn main() -> anyhow::Result<()> {
         let channel = kybernate_agent::resolve::containerd_channel(&cli.containerd_socket)?;
         let service = AgentService::new(config, channel, metrics);
         let listener = kybernate_agent::server::bind(&cli.socket).await?;
+        let tcp = async {
+            let Some((addr, acceptor)) = tcp else { return Ok(()) };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}; pick another --listen-tcp"))?;
+            let mut stopped = stopped.clone();
+            let shutdown = async move { drop(stopped.wait_for(|s| *s).await) };
+            kybernate_agent::tls::serve(listener, acceptor, service.clone(), shutdown)
+                .await
+                .with_context(|| format!("serving on {addr}"))
+        };
         let shutdown = async move {
             shutdown_signal().await;
             tracing::info!("shutting down");
             let _ = stop.send(true);
         };
-        kybernate_agent::server::serve(listener, cli.socket.clone(), service, shutdown)
-            .await
-            .with_context(|| format!("serving on {}", cli.socket.display()))
+        let unix = async {
+            kybernate_agent::server::serve(listener, cli.socket.clone(), service.clone(), shutdown)
+                .await
+                .with_context(|| format!("serving on {}", cli.socket.display()))
+        };
+        tokio::try_join!(unix, tcp).map(drop)
     })
 }
 
