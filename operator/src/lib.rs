@@ -8,12 +8,17 @@
 //! or without the restore, with a warning. The binary `kybernate-operator` serves it over HTTPS
 //! ([`webhook_server`]).
 //!
+//! The [`checkpoint_controller`] carries out `Checkpoint` resources through the node agents
+//! ([`agents`]).
+//!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
 //! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks),
 //! [`policies`] (where the policies come from: the API server through a reflector), [`webhook_server`]
 //! (the HTTPS server), [`metrics`] (its Prometheus counters).
 
 pub mod admission;
+pub mod agents;
+pub mod checkpoint_controller;
 pub mod identity;
 pub mod metrics;
 pub mod policies;

@@ -1,5 +1,6 @@
 //! `kybernate-operator`: serves the mutating admission webhook over HTTPS, with the cluster's
-//! CheckpointPolicies from the API server, and its metrics over plain HTTP.
+//! CheckpointPolicies from the API server, and its metrics over plain HTTP; with
+//! `--checkpoint-controller`, also runs the Checkpoint controller (docs/operator.md).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use kybernate_operator::agents::{AgentAddresses, GrpcAgents, DEFAULT_ADDRESS_TEMPLATE};
+use kybernate_operator::checkpoint_controller;
 use kybernate_operator::metrics::Metrics;
 use kybernate_operator::policies;
 use kybernate_operator::store_index::StoreIndex;
@@ -19,7 +22,8 @@ use tokio::net::TcpListener;
 /// (`timeoutSeconds`), then admits the pod unchanged.
 const STORE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Kybernate's admission webhook (docs/kubernetes.md).
+/// Kybernate's admission webhook (docs/kubernetes.md) and, with `--checkpoint-controller`, its
+/// Checkpoint controller (docs/operator.md).
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
@@ -47,6 +51,21 @@ struct Args {
     /// Path-style S3 addressing (default: on when an endpoint is set).
     #[arg(long, env = "KYBERNATE_S3_FORCE_PATH_STYLE")]
     s3_force_path_style: Option<bool>,
+    /// Also run the Checkpoint controller (no leader election: run one replica with it).
+    #[arg(long, env = "KYBERNATE_OPERATOR_CHECKPOINT_CONTROLLER")]
+    checkpoint_controller: bool,
+    /// Where every node's agent listens (`host:port` or a URI); `{node}` is the node's name.
+    #[arg(long, env = "KYBERNATE_AGENT_ADDRESS", default_value = DEFAULT_ADDRESS_TEMPLATE)]
+    agent_address: String,
+    /// One node's agent elsewhere, as `NODE=HOST:PORT` (repeat for more nodes).
+    #[arg(long = "agent-node-address", value_name = "NODE=ADDRESS", value_parser = node_address)]
+    agent_node_addresses: Vec<(String, String)>,
+    /// Seconds to wait for an agent's connection.
+    #[arg(long, default_value_t = 5)]
+    agent_connect_timeout_secs: u64,
+    /// Seconds one checkpoint may take on the agent (dump and upload) before it counts as failed.
+    #[arg(long, default_value_t = 900)]
+    agent_timeout_secs: u64,
     /// A `tracing` filter; the log goes to stderr.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -71,6 +90,20 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let client = kube::Client::try_default().await.context("connecting to the API server")?;
+    let controller = args.checkpoint_controller.then(|| {
+        let mut addresses = AgentAddresses::new(&args.agent_address);
+        for (node, address) in &args.agent_node_addresses {
+            addresses = addresses.with_node(node, address);
+        }
+        let agents = GrpcAgents::new(
+            addresses,
+            Duration::from_secs(args.agent_connect_timeout_secs),
+            Duration::from_secs(args.agent_timeout_secs),
+        );
+        let ctx = Arc::new(checkpoint_controller::Context::new(client.clone(), Arc::new(agents)));
+        tracing::info!(agents = %args.agent_address, "running the Checkpoint controller");
+        tokio::spawn(checkpoint_controller::run(ctx, shutdown()))
+    });
     let (policies, reflect) = policies::watch(client);
     tokio::spawn(reflect);
     tracing::info!("listing CheckpointPolicies");
@@ -89,8 +122,19 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
     tracing::info!(addr = %args.listen, "serving the admission webhook");
     webhook_server::serve(listener, tls, Arc::new(webhook), shutdown()).await;
+    if let Some(controller) = controller {
+        controller.await.context("the Checkpoint controller")?;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `NODE=ADDRESS` of `--agent-node-address`.
+fn node_address(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((node, address)) if !node.is_empty() && !address.is_empty() => Ok((node.to_string(), address.to_string())),
+        _ => Err(format!("{arg:?} is not NODE=HOST:PORT")),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -1,0 +1,224 @@
+//! The node agents as the controllers see them: [`NodeAgents`] checkpoints a container on the node
+//! that runs it. [`GrpcAgents`] dials that node's `kybernate-agent` (`kybernate.agent.v1.Agent`,
+//! `proto/kybernate/agent/v1/agent.proto`) at an address made from a template (`{node}:7443`) or
+//! given per node; tests put a fake in its place.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kybernate_proto::kybernate::agent::v1::agent_client::AgentClient;
+pub use kybernate_proto::kybernate::agent::v1::CheckpointRequest;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the agent of every node listens unless told otherwise: `{node}` is the node's name.
+pub const DEFAULT_ADDRESS_TEMPLATE: &str = "{node}:7443";
+
+/// What a finished checkpoint left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointDone {
+    /// The sealed bundle's directory on the node.
+    pub bundle_path: String,
+    /// Where the agent stored it (a `kybernate.io/restore-from` reference); `None` when it stayed on
+    /// the node only.
+    pub stored_reference: Option<String>,
+    /// The size of the bundle's files.
+    pub bytes: u64,
+}
+
+impl CheckpointDone {
+    /// The reference a restore names: the stored one, or the bundle on the node when not stored.
+    pub fn reference(&self) -> &str {
+        self.stored_reference.as_deref().unwrap_or(&self.bundle_path)
+    }
+}
+
+/// Why a node agent did not checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The node's agent address is not a URI.
+    #[error("the agent address {address:?} of node {node} is not a valid URI: {reason}")]
+    Address {
+        /// The node.
+        node: String,
+        /// The address made for it.
+        address: String,
+        /// Why it is not valid.
+        reason: String,
+    },
+    /// The agent could not be reached (connection refused, timeout, lost connection): worth retrying.
+    #[error("the agent of node {node} at {address} is unreachable: {source}")]
+    Unreachable {
+        /// The node.
+        node: String,
+        /// The address dialed.
+        address: String,
+        /// What the transport said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The agent answered with an error: the checkpoint failed.
+    #[error("the agent of node {node} failed the checkpoint ({code:?}): {message}")]
+    Failed {
+        /// The node.
+        node: String,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent answered success without a bundle.
+    #[error("the agent of node {node} answered without a bundle")]
+    NoBundle {
+        /// The node.
+        node: String,
+    },
+}
+
+impl AgentError {
+    /// Whether trying again later may succeed (the agent was not reached), rather than the checkpoint
+    /// having failed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, AgentError::Unreachable { .. })
+    }
+}
+
+/// The node agents of the cluster.
+#[async_trait]
+pub trait NodeAgents: Send + Sync {
+    /// Checkpoints one container through the agent of `node`.
+    async fn checkpoint(&self, node: &str, request: CheckpointRequest) -> Result<CheckpointDone, AgentError>;
+}
+
+/// Where each node's agent listens: a template for every node, with exceptions per node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAddresses {
+    template: String,
+    per_node: HashMap<String, String>,
+}
+
+impl Default for AgentAddresses {
+    fn default() -> Self {
+        AgentAddresses::new(DEFAULT_ADDRESS_TEMPLATE)
+    }
+}
+
+impl AgentAddresses {
+    /// Every node's agent at `template` (`host:port` or a URI), `{node}` replaced by the node name.
+    pub fn new(template: impl Into<String>) -> Self {
+        AgentAddresses { template: template.into(), per_node: HashMap::new() }
+    }
+
+    /// The agent of `node` at `address` instead of the template's.
+    pub fn with_node(mut self, node: impl Into<String>, address: impl Into<String>) -> Self {
+        self.per_node.insert(node.into(), address.into());
+        self
+    }
+
+    /// The URI of `node`'s agent (`http://` unless the address names a scheme).
+    pub fn uri(&self, node: &str) -> String {
+        let address = match self.per_node.get(node) {
+            Some(address) => address.clone(),
+            None => self.template.replace("{node}", node),
+        };
+        if address.contains("://") {
+            address
+        } else {
+            format!("http://{address}")
+        }
+    }
+}
+
+/// The real agents, over gRPC.
+#[derive(Debug, Clone)]
+pub struct GrpcAgents {
+    addresses: AgentAddresses,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl GrpcAgents {
+    /// Agents at `addresses`; dialing one gives up after `connect_timeout`, a checkpoint after
+    /// `request_timeout` (a GPU container's dump and upload take minutes).
+    pub fn new(addresses: AgentAddresses, connect_timeout: Duration, request_timeout: Duration) -> Self {
+        GrpcAgents { addresses, connect_timeout, request_timeout }
+    }
+
+    /// Dials the agent of `node`. The one place the transport is set up: plain HTTP/2 for now, mTLS
+    /// goes here.
+    async fn connect(&self, node: &str) -> Result<(AgentClient<Channel>, String), AgentError> {
+        let address = self.addresses.uri(node);
+        let endpoint = Endpoint::from_shared(address.clone())
+            .map_err(|e| AgentError::Address {
+                node: node.to_string(),
+                address: address.clone(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout);
+        let channel = endpoint.connect().await.map_err(|e| AgentError::Unreachable {
+            node: node.to_string(),
+            address: address.clone(),
+            source: Box::new(e),
+        })?;
+        Ok((AgentClient::new(channel), address))
+    }
+}
+
+#[async_trait]
+impl NodeAgents for GrpcAgents {
+    async fn checkpoint(&self, node: &str, request: CheckpointRequest) -> Result<CheckpointDone, AgentError> {
+        let (mut client, address) = self.connect(node).await?;
+        let response = client.checkpoint(request).await.map_err(|status| match status.code() {
+            // The connection went away before an answer: the transport's failure, not the agent's.
+            tonic::Code::Unavailable => {
+                AgentError::Unreachable { node: node.to_string(), address, source: Box::new(status) }
+            }
+            code => AgentError::Failed { node: node.to_string(), code, message: status.message().to_string() },
+        })?;
+        let response = response.into_inner();
+        let bundle = response.bundle.ok_or_else(|| AgentError::NoBundle { node: node.to_string() })?;
+        Ok(CheckpointDone {
+            bundle_path: bundle.path,
+            stored_reference: Some(response.stored_reference).filter(|r| !r.is_empty()),
+            bytes: bundle.bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_come_from_the_template_or_the_node() {
+        let addresses = AgentAddresses::default().with_node("gpu-1", "10.0.0.7:9000");
+        assert_eq!(addresses.uri("worker-a"), "http://worker-a:7443");
+        assert_eq!(addresses.uri("gpu-1"), "http://10.0.0.7:9000");
+        assert_eq!(AgentAddresses::new("https://{node}.agents:443").uri("n"), "https://n.agents:443");
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_listen_is_unreachable() {
+        // A port nothing listens on: bind one, then free it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let agents = GrpcAgents::new(
+            AgentAddresses::new(format!("127.0.0.1:{port}")),
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+        );
+        let err = agents.checkpoint("n", CheckpointRequest::default()).await.expect_err("nothing listens");
+        assert!(err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("unreachable"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_address_is_not_retried() {
+        let agents =
+            GrpcAgents::new(AgentAddresses::new("bad address {node}"), Duration::from_secs(1), Duration::from_secs(1));
+        let err = agents.checkpoint("n", CheckpointRequest::default()).await.expect_err("not a URI");
+        assert!(!err.is_retryable(), "{err}");
+    }
+}

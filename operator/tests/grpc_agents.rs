@@ -1,0 +1,124 @@
+//! [`GrpcAgents`] against an in-process `kybernate.agent.v1.Agent` server on the loopback: the
+//! request arrives as the controller built it, a bundle comes back as [`CheckpointDone`], and an
+//! agent's error status is a non-retryable [`AgentError::Failed`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kybernate_operator::agents::{AgentAddresses, AgentError, CheckpointDone, GrpcAgents, NodeAgents};
+use kybernate_proto::kybernate::agent::v1::agent_server::{Agent, AgentServer};
+use kybernate_proto::kybernate::agent::v1::{
+    checkpoint_request::Target, Bundle, CheckpointEvent, CheckpointRequest, CheckpointResponse, DeleteRequest,
+    DeleteResponse, EventsRequest, ListRequest, ListResponse, PodTarget, StatusRequest, StatusResponse,
+};
+use tonic::codegen::tokio_stream;
+use tonic::{Request, Response, Status};
+
+/// An agent answering Checkpoint with `answer`, recording the requests.
+struct FakeAgent {
+    answer: Result<CheckpointResponse, Status>,
+    asked: Arc<Mutex<Vec<CheckpointRequest>>>,
+}
+
+#[tonic::async_trait]
+impl Agent for FakeAgent {
+    async fn checkpoint(&self, request: Request<CheckpointRequest>) -> Result<Response<CheckpointResponse>, Status> {
+        self.asked.lock().unwrap().push(request.into_inner());
+        self.answer.clone().map(Response::new)
+    }
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Err(Status::unimplemented("list"))
+    }
+    async fn delete(&self, _: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        Err(Status::unimplemented("delete"))
+    }
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Err(Status::unimplemented("status"))
+    }
+    type EventsStream = tokio_stream::Empty<Result<CheckpointEvent, Status>>;
+    async fn events(&self, _: Request<EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        Err(Status::unimplemented("events"))
+    }
+}
+
+/// Serves a fake agent on 127.0.0.1; the agents of every node dial it. Returns what it was asked.
+async fn agent(answer: Result<CheckpointResponse, Status>) -> (GrpcAgents, Arc<Mutex<Vec<CheckpointRequest>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let asked = Arc::new(Mutex::default());
+    let service = AgentServer::new(FakeAgent { answer, asked: Arc::clone(&asked) });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let addresses = AgentAddresses::new("unused:1").with_node("gpu-1", format!("127.0.0.1:{port}"));
+    (GrpcAgents::new(addresses, Duration::from_secs(5), Duration::from_secs(5)), asked)
+}
+
+fn request() -> CheckpointRequest {
+    CheckpointRequest {
+        target: Some(Target::Pod(PodTarget {
+            namespace: "ml".into(),
+            name: "trainer-0".into(),
+            container: "app".into(),
+        })),
+        leave_running: Some(true),
+        store: "s3://checkpoints".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_checkpoint_returns_the_bundle_and_its_reference() {
+    let (agents, asked) = agent(Ok(CheckpointResponse {
+        bundle: Some(Bundle {
+            path: "/var/lib/kybernate/checkpoints/ml/trainer-0/app/t".into(),
+            bytes: 42,
+            ..Bundle::default()
+        }),
+        stored_reference: "s3://checkpoints/ml/trainer-0/app/t".into(),
+    }))
+    .await;
+    let done = agents.checkpoint("gpu-1", request()).await.unwrap();
+    assert_eq!(
+        done,
+        CheckpointDone {
+            bundle_path: "/var/lib/kybernate/checkpoints/ml/trainer-0/app/t".into(),
+            stored_reference: Some("s3://checkpoints/ml/trainer-0/app/t".into()),
+            bytes: 42,
+        }
+    );
+    assert_eq!(done.reference(), "s3://checkpoints/ml/trainer-0/app/t");
+    assert_eq!(*asked.lock().unwrap(), [request()]);
+}
+
+#[tokio::test]
+async fn a_bundle_not_stored_is_referenced_on_the_node() {
+    let (agents, _) = agent(Ok(CheckpointResponse {
+        bundle: Some(Bundle { path: "/var/lib/kybernate/checkpoints/ml/trainer-0/app/t".into(), ..Bundle::default() }),
+        stored_reference: String::new(),
+    }))
+    .await;
+    let done = agents.checkpoint("gpu-1", request()).await.unwrap();
+    assert_eq!(done.stored_reference, None);
+    assert_eq!(done.reference(), "/var/lib/kybernate/checkpoints/ml/trainer-0/app/t");
+}
+
+#[tokio::test]
+async fn an_agent_error_is_not_retried() {
+    let (agents, _) = agent(Err(Status::failed_precondition("container app is not running"))).await;
+    let err = agents.checkpoint("gpu-1", request()).await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(matches!(&err, AgentError::Failed { code: tonic::Code::FailedPrecondition, .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "the agent of node gpu-1 failed the checkpoint (FailedPrecondition): container app is not running"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_without_a_bundle_is_an_error() {
+    let (agents, _) = agent(Ok(CheckpointResponse::default())).await;
+    let err = agents.checkpoint("gpu-1", request()).await.unwrap_err();
+    assert!(matches!(err, AgentError::NoBundle { .. }), "{err:?}");
+}
