@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use kybernate_proto::kybernate::agent::v1::agent_client::AgentClient;
-use kybernate_proto::kybernate::agent::v1::agent_server::AgentServer;
+use kybernate_proto::kybernate::agent::v1::agent_server::{Agent, AgentServer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::crypto::{aws_lc_rs, CryptoProvider};
@@ -34,7 +34,6 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::TlsError;
-use crate::service::AgentService;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,10 +76,10 @@ pub fn acceptor(cert: &Path, key: &Path, client_ca: &Path) -> Result<TlsAcceptor
 /// Serves `service` on `listener` over mutual TLS with `acceptor` until `shutdown` completes. Each
 /// connection's handshake runs on its own (at most [`HANDSHAKE_TIMEOUT`]); one that fails is logged
 /// and dropped, and never stops the listener.
-pub async fn serve(
+pub async fn serve<S: Agent>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    service: AgentService,
+    service: S,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     match listener.local_addr() {

@@ -1,7 +1,7 @@
 //! The agent's TCP listener with mutual TLS against real clients: the agent's own service served by
 //! `tls::serve` on 127.0.0.1:0, certificates made with rcgen.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,67 +11,11 @@ use kybernate_agent::push::Sidecar;
 use kybernate_agent::{tls, AgentConfig, AgentService, TlsError};
 use kybernate_proto::kybernate::agent::v1::agent_client::AgentClient;
 use kybernate_proto::kybernate::agent::v1::{StatusRequest, StatusResponse};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use kybernate_tests::pki::{pki, Pki};
 use tokio_rustls::rustls::crypto::aws_lc_rs;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-
-/// A CA: its certificate and key.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        Ca { cert: params.self_signed(&key).unwrap(), key }
-    }
-
-    /// Writes a leaf certificate signed by this CA for `names`, and its key, to `dir/<stem>.{crt,key}`.
-    fn issue(&self, dir: &Path, stem: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, stem);
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        let (cert_path, key_path) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
-    }
-
-    fn write(&self, dir: &Path, stem: &str) -> PathBuf {
-        let path = dir.join(format!("{stem}.crt"));
-        std::fs::write(&path, self.cert.pem()).unwrap();
-        path
-    }
-}
-
-/// The certificates of one test: the CA the agent trusts, and one it does not.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
-    rogue_client: (PathBuf, PathBuf),
-}
-
-fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, other) = (Ca::new("kybernate test CA"), Ca::new("some other CA"));
-    Pki {
-        ca: ca.write(dir.path(), "ca"),
-        server: ca.issue(dir.path(), "agent", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth),
-        client: ca.issue(dir.path(), "operator", &["kybernate-operator"], ExtendedKeyUsagePurpose::ClientAuth),
-        rogue_client: other.issue(dir.path(), "rogue", &["kybernate-operator"], ExtendedKeyUsagePurpose::ClientAuth),
-        _dir: dir,
-    }
-}
 
 const NODE: &str = "node-7";
 

@@ -4,6 +4,7 @@
 //! given per node; tests put a fake in its place.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -129,39 +130,68 @@ impl AgentAddresses {
     }
 }
 
+/// The files of the operator's side of mutual TLS with the agents (`kybernate_agent::tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTls {
+    /// The CA bundle (PEM) the agents' certificates chain to.
+    pub ca: PathBuf,
+    /// The operator's client certificate chain (PEM, leaf first), of a CA the agents trust.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
 /// The real agents, over gRPC.
 #[derive(Debug, Clone)]
 pub struct GrpcAgents {
     addresses: AgentAddresses,
     connect_timeout: Duration,
     request_timeout: Duration,
+    tls: Option<AgentTls>,
 }
 
 impl GrpcAgents {
-    /// Agents at `addresses`; dialing one gives up after `connect_timeout`, a checkpoint after
-    /// `request_timeout` (a GPU container's dump and upload take minutes).
+    /// Agents at `addresses`, over plain HTTP/2; dialing one gives up after `connect_timeout`, a
+    /// checkpoint after `request_timeout` (a GPU container's dump and upload take minutes).
     pub fn new(addresses: AgentAddresses, connect_timeout: Duration, request_timeout: Duration) -> Self {
-        GrpcAgents { addresses, connect_timeout, request_timeout }
+        GrpcAgents { addresses, connect_timeout, request_timeout, tls: None }
     }
 
-    /// Dials the agent of `node`. The one place the transport is set up: plain HTTP/2 for now, mTLS
-    /// goes here.
+    /// The same over mutual TLS: each agent's certificate must name the host of its address.
+    pub fn with_tls(mut self, tls: AgentTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Dials the agent of `node`: the one place the transport is set up.
     async fn connect(&self, node: &str) -> Result<(AgentClient<Channel>, String), AgentError> {
         let address = self.addresses.uri(node);
+        let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| AgentError::Unreachable {
+            node: node.to_string(),
+            address: address.clone(),
+            source,
+        };
+        if let Some(tls) = &self.tls {
+            let host_port = address.split_once("://").map_or(address.as_str(), |(_, rest)| rest);
+            let host = host_port.rsplit_once(':').map_or(host_port, |(host, _)| host);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let dial = kybernate_agent::tls::connect(host_port, &tls.ca, &tls.cert, &tls.key, host);
+            let client = match tokio::time::timeout(self.connect_timeout, dial).await {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => return Err(unreachable(Box::new(e))),
+                Err(elapsed) => return Err(unreachable(Box::new(elapsed))),
+            };
+            return Ok((client, address.clone()));
+        }
         let endpoint = Endpoint::from_shared(address.clone())
             .map_err(|e| AgentError::Address {
                 node: node.to_string(),
                 address: address.clone(),
                 reason: e.to_string(),
             })?
-            .connect_timeout(self.connect_timeout)
-            .timeout(self.request_timeout);
-        let channel = endpoint.connect().await.map_err(|e| AgentError::Unreachable {
-            node: node.to_string(),
-            address: address.clone(),
-            source: Box::new(e),
-        })?;
-        Ok((AgentClient::new(channel), address))
+            .connect_timeout(self.connect_timeout);
+        let channel = endpoint.connect().await.map_err(|e| unreachable(Box::new(e)))?;
+        Ok((AgentClient::new(channel), address.clone()))
     }
 }
 
@@ -169,7 +199,14 @@ impl GrpcAgents {
 impl NodeAgents for GrpcAgents {
     async fn checkpoint(&self, node: &str, request: CheckpointRequest) -> Result<CheckpointDone, AgentError> {
         let (mut client, address) = self.connect(node).await?;
-        let response = client.checkpoint(request).await.map_err(|status| match status.code() {
+        let answer = tokio::time::timeout(self.request_timeout, client.checkpoint(request)).await.map_err(|_| {
+            AgentError::Failed {
+                node: node.to_string(),
+                code: tonic::Code::DeadlineExceeded,
+                message: format!("no answer within {:?}", self.request_timeout),
+            }
+        })?;
+        let response = answer.map_err(|status| match status.code() {
             // The connection went away before an answer: the transport's failure, not the agent's.
             tonic::Code::Unavailable => {
                 AgentError::Unreachable { node: node.to_string(), address, source: Box::new(status) }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kybernate_operator::agents::{AgentAddresses, GrpcAgents, DEFAULT_ADDRESS_TEMPLATE};
+use kybernate_operator::agents::{AgentAddresses, AgentTls, GrpcAgents, DEFAULT_ADDRESS_TEMPLATE};
 use kybernate_operator::checkpoint_controller;
 use kybernate_operator::metrics::Metrics;
 use kybernate_operator::policies;
@@ -66,6 +66,16 @@ struct Args {
     /// Seconds one checkpoint may take on the agent (dump and upload) before it counts as failed.
     #[arg(long, default_value_t = 900)]
     agent_timeout_secs: u64,
+    /// The CA bundle (PEM) the agents' certificates chain to: with --agent-tls-cert and
+    /// --agent-tls-key, the agents are dialed over mutual TLS (their `--listen-tcp`).
+    #[arg(long, env = "KYBERNATE_AGENT_TLS_CA", requires_all = ["agent_tls_cert", "agent_tls_key"])]
+    agent_tls_ca: Option<PathBuf>,
+    /// The operator's client certificate chain (PEM) for the agents.
+    #[arg(long, env = "KYBERNATE_AGENT_TLS_CERT", requires = "agent_tls_ca")]
+    agent_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "KYBERNATE_AGENT_TLS_KEY", requires = "agent_tls_ca")]
+    agent_tls_key: Option<PathBuf>,
     /// A `tracing` filter; the log goes to stderr.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -95,11 +105,14 @@ async fn main() -> anyhow::Result<()> {
         for (node, address) in &args.agent_node_addresses {
             addresses = addresses.with_node(node, address);
         }
-        let agents = GrpcAgents::new(
+        let mut agents = GrpcAgents::new(
             addresses,
             Duration::from_secs(args.agent_connect_timeout_secs),
             Duration::from_secs(args.agent_timeout_secs),
         );
+        if let (Some(ca), Some(cert), Some(key)) = (&args.agent_tls_ca, &args.agent_tls_cert, &args.agent_tls_key) {
+            agents = agents.with_tls(AgentTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() });
+        }
         let ctx = Arc::new(checkpoint_controller::Context::new(client.clone(), Arc::new(agents)));
         tracing::info!(agents = %args.agent_address, "running the Checkpoint controller");
         tokio::spawn(checkpoint_controller::run(ctx, shutdown()))

@@ -1,11 +1,12 @@
 //! [`GrpcAgents`] against an in-process `kybernate.agent.v1.Agent` server on the loopback: the
 //! request arrives as the controller built it, a bundle comes back as [`CheckpointDone`], and an
-//! agent's error status is a non-retryable [`AgentError::Failed`].
+//! agent's error status is a non-retryable [`AgentError::Failed`]; over mutual TLS (the agent's own
+//! `tls::serve`), a client certificate of the agents' CA is served and one of another CA is not.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kybernate_operator::agents::{AgentAddresses, AgentError, CheckpointDone, GrpcAgents, NodeAgents};
+use kybernate_operator::agents::{AgentAddresses, AgentError, AgentTls, CheckpointDone, GrpcAgents, NodeAgents};
 use kybernate_proto::kybernate::agent::v1::agent_server::{Agent, AgentServer};
 use kybernate_proto::kybernate::agent::v1::{
     checkpoint_request::Target, Bundle, CheckpointEvent, CheckpointRequest, CheckpointResponse, DeleteRequest,
@@ -121,4 +122,42 @@ async fn an_answer_without_a_bundle_is_an_error() {
     let (agents, _) = agent(Ok(CheckpointResponse::default())).await;
     let err = agents.checkpoint("gpu-1", request()).await.unwrap_err();
     assert!(matches!(err, AgentError::NoBundle { .. }), "{err:?}");
+}
+
+/// A fake agent answering with `answer`, served over mutual TLS on 127.0.0.1 with the server
+/// certificate of `pki`; the address of node `gpu-1`.
+async fn tls_agent(pki: &kybernate_tests::pki::Pki, answer: CheckpointResponse) -> AgentAddresses {
+    let acceptor = kybernate_agent::tls::acceptor(&pki.server.0, &pki.server.1, &pki.ca).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let agent = FakeAgent { answer: Ok(answer), asked: Arc::default() };
+    tokio::spawn(kybernate_agent::tls::serve(listener, acceptor, agent, std::future::pending()));
+    AgentAddresses::new("unused:1").with_node("gpu-1", format!("127.0.0.1:{port}"))
+}
+
+#[tokio::test]
+async fn over_mutual_tls_the_agents_ca_is_served_and_another_is_not() {
+    let pki = kybernate_tests::pki::pki();
+    let answer = CheckpointResponse {
+        bundle: Some(Bundle { path: "/var/lib/kybernate/checkpoints/ml/trainer-0/app/t".into(), ..Bundle::default() }),
+        stored_reference: "s3://checkpoints/ml/trainer-0/app/t".into(),
+    };
+    let addresses = tls_agent(&pki, answer).await;
+    let agents = |(cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
+        GrpcAgents::new(addresses.clone(), Duration::from_secs(5), Duration::from_secs(5)).with_tls(AgentTls {
+            ca: pki.ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+    };
+    let done = agents(&pki.client).checkpoint("gpu-1", request()).await.unwrap();
+    assert_eq!(done.reference(), "s3://checkpoints/ml/trainer-0/app/t");
+    // TLS 1.3: the agent refuses the certificate after the client's side of the handshake, so the
+    // first call fails.
+    match agents(&pki.rogue_client).checkpoint("gpu-1", request()).await {
+        Err(AgentError::Failed { code: tonic::Code::Unknown, message, .. }) => {
+            assert_eq!(message, "transport error")
+        }
+        other => panic!("a client certificate of another CA was served: {other:?}"),
+    }
 }

@@ -7,6 +7,7 @@
 //! - [`containerd`]: a private containerd with the Kybernate shim, driven with `ctr`.
 //! - [`cri`]: the same with the CRI plugin, and a CRI client.
 //! - [`s3`]: a real S3-compatible server (s3s-fs) on loopback.
+//! - [`pki`]: CAs and certificates for the mutual-TLS tests.
 //! - [`podman`]: Podman with private storage, the peer that writes foreign checkpoint archives.
 //! - [`tools`]: required host tools, CRIU, commands with a timeout, the shim binary.
 //! - [`gpu_fakes`]: a recording CUDA driver, a GPU inventory and a backend probe (no GPU on CI).
@@ -16,6 +17,7 @@ pub mod cri;
 pub mod gpu_fakes;
 pub mod images;
 pub mod keys;
+pub mod pki;
 pub mod podman;
 pub mod process;
 pub mod runc;
