@@ -616,11 +616,6 @@ pub struct DeferredHashes {
 }
 
 impl DeferredHashes {
-    /// Whether nothing is left to check.
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-
     /// How many bytes are left to hash.
     pub fn bytes(&self) -> u64 {
         self.files.values().map(|f| f.size).sum()

@@ -356,12 +356,6 @@ impl LazyFill {
         self.daemon
     }
 
-    /// Whether every page is in and verified, or the container was killed ([`LazyFill::wait`] says
-    /// which).
-    pub fn is_finished(&self) -> bool {
-        self.done.is_finished()
-    }
-
     /// Waits for the end of the fill: `Ok` once every page is in and verified; the error that
     /// got the container killed otherwise.
     pub fn wait(self) -> Result<()> {
@@ -378,7 +372,7 @@ fn supervise_fill(runc: &Runc, id: &str, server: LazyPageServer, pages: Deferred
     let done = std::thread::Builder::new()
         .name("lazy-fill".into())
         .spawn(move || {
-            let started = std::time::Instant::now();
+            let (started, page_bytes) = (std::time::Instant::now(), pages.bytes());
             // The server copies pages in on its own; the page images are hashed meanwhile.
             let verified = pages.verify();
             if verified.is_err() {
@@ -387,7 +381,7 @@ fn supervise_fill(runc: &Runc, id: &str, server: LazyPageServer, pages: Deferred
             let filled = server.wait();
             let result = verified.and(filled);
             match &result {
-                Ok(()) => tracing::info!(%id, fill_ms = started.elapsed().as_millis() as u64, "lazy restore: every page is in and verified"),
+                Ok(()) => tracing::info!(%id, fill_ms = started.elapsed().as_millis() as u64, page_bytes, "lazy restore: every page is in and verified"),
                 Err(e) => {
                     let killed = match runc.kill(&id, libc::SIGKILL as u32, true) {
                         Ok(()) => "it was killed".to_string(),

@@ -109,16 +109,6 @@ impl LazyPageServer {
         self.pid
     }
 
-    /// Its log.
-    pub fn log(&self) -> &Path {
-        &self.log
-    }
-
-    /// Whether it has exited (every page is in, or it failed: [`LazyPageServer::wait`] says which).
-    pub fn is_finished(&self) -> bool {
-        self.exit.is_finished()
-    }
-
     /// Kills the daemon (through its pidfd, so never another process that took its pid).
     pub fn kill(&self) {
         // SAFETY: a pidfd this value owns; signal 9, no siginfo.
