@@ -21,6 +21,10 @@ pub const CHECKPOINT: &str = "checkpoint to durable";
 pub const TO_RUNNING: &str = "restore to running";
 /// Operation: until the workload's memory is all resident again.
 pub const TO_FULL_RSS: &str = "restore to full RSS";
+/// Figure: shim resident memory per idle container.
+pub const SHIM_RSS: &str = "shim RSS per container (MiB)";
+/// Figure: shim proportional memory per idle container.
+pub const SHIM_PSS: &str = "shim PSS per container (MiB)";
 
 /// Side: writing the same bytes to a file and fsyncing it (the floor of any checkpoint).
 pub const DISK: &str = "disk write + fsync";
@@ -78,12 +82,18 @@ impl Bench {
         self.containerd.ctr_run(&refs, TIMEOUT)?.ok(&format!("ctr {}", args.join(" ")))
     }
 
-    /// `ctr run -d` of the workload as `id` with `runtime` and extra flags.
-    fn ctr_run(&self, runtime: &str, id: &str, state: &Path, mib: u64, flags: &[String]) -> Result<()> {
+    /// `ctr run -d --runtime <runtime>`, with the instance's shim config for Kybernate.
+    fn run_args(&self, runtime: &str) -> Vec<String> {
         let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--runtime".into(), runtime.into()];
         if runtime == KYBERNATE {
             args.extend(["--runtime-config-path".into(), self.containerd.shim_config.display().to_string()]);
         }
+        args
+    }
+
+    /// `ctr run -d` of the workload as `id` with `runtime` and extra flags.
+    fn ctr_run(&self, runtime: &str, id: &str, state: &Path, mib: u64, flags: &[String]) -> Result<()> {
+        let mut args = self.run_args(runtime);
         args.extend(self.mounts(state));
         args.extend(flags.iter().cloned());
         args.extend([self.image.to_string(), id.into(), "/hog/hog".into(), "/state".into(), mib.to_string()]);
@@ -251,10 +261,7 @@ impl Bench {
         {
             let ids: Vec<String> = (0..n).map(|i| format!("idle-{i}")).collect();
             for id in &ids {
-                let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--runtime".into(), runtime.into()];
-                if runtime == KYBERNATE {
-                    args.extend(["--runtime-config-path".into(), self.containerd.shim_config.display().to_string()]);
-                }
+                let mut args = self.run_args(runtime);
                 args.extend([self.image.into(), id.clone(), "sleep".into(), "1000000".into()]);
                 self.ctr(&args)?;
             }
@@ -275,8 +282,8 @@ impl Bench {
                 bail!("no {binary} processes found");
             }
             let kb = |file: &str, field: &str| -> u64 { pids.iter().map(|p| proc_kb(*p, file, field)).sum() };
-            out.add(0, "shim RSS per container (MiB)", side, kb("status", "VmRSS") as f64 / 1024.0 / n as f64);
-            out.add(0, "shim PSS per container (MiB)", side, kb("smaps_rollup", "Pss") as f64 / 1024.0 / n as f64);
+            out.add(0, SHIM_RSS, side, kb("status", "VmRSS") as f64 / 1024.0 / n as f64);
+            out.add(0, SHIM_PSS, side, kb("smaps_rollup", "Pss") as f64 / 1024.0 / n as f64);
             for id in &ids {
                 self.remove(id);
             }
