@@ -50,11 +50,7 @@ fn bundle_of(c: &Containerd, image: &str, id: &str, script: &str) -> (PathBuf, u
             "the memory check works before the checkpoint"
         );
     }
-    let (rm, last) = stop_and_remove(c, id);
-    assert!(rm.contains("143"), "a checkpointed container exits as on SIGTERM (143): {rm}");
-    let found: Vec<PathBuf> = bundles(c).into_iter().filter(|b| b.components().any(|p| p.as_os_str() == id)).collect();
-    assert_eq!(found.len(), 1, "one bundle for {id}: {found:?}");
-    (found[0].clone(), last)
+    bundle_of_stopped(c, id)
 }
 
 /// `ctr run -d` of a container restored from `bundle` with extra annotations.

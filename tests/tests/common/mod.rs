@@ -232,6 +232,12 @@ pub fn stop_and_remove(c: &Containerd, id: &str) -> (String, u64) {
 pub fn checkpointed_bundle(c: &Containerd, image: &str, id: &str) -> (PathBuf, u64) {
     run_counter(c, image, id, &["--annotation", OPT_IN], COUNTER_SCRIPT);
     counter_past(c, id, 10);
+    bundle_of_stopped(c, id)
+}
+
+/// Stops the opted-in container `id` (a checkpoint is taken), checks it exited as on SIGTERM, and
+/// returns its one bundle and the last value it counted.
+pub fn bundle_of_stopped(c: &Containerd, id: &str) -> (PathBuf, u64) {
     let (rm, last) = stop_and_remove(c, id);
     assert!(rm.contains("143"), "a checkpointed container exits as on SIGTERM (143): {rm}");
     let found: Vec<PathBuf> = bundles(c).into_iter().filter(|b| b.components().any(|p| p.as_os_str() == id)).collect();
