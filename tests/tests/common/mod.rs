@@ -11,6 +11,9 @@ use checkpoint_core::bundle::{COMPLETE_MARKER, FAILED_MARKER};
 use kybernate_tests::{kybernate_shim_binary, read_counter, wait_for, Containerd, COUNTER_SCRIPT, KYBERNATE_RUNTIME};
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stop may take: a checkpoint on stop may use the whole default checkpoint budget (2
+/// minutes) on a loaded machine before the container exits.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(150);
 
 pub fn setup() -> (Containerd, &'static str) {
     let shim = kybernate_shim_binary().unwrap();
@@ -220,7 +223,7 @@ pub fn run_counter(c: &Containerd, image: &str, id: &str, flags: &[&str], script
 /// report (which carries the exit status) and the last counter value the container wrote.
 pub fn stop_and_remove(c: &Containerd, id: &str) -> (String, u64) {
     c.ctr_ok(&["tasks", "kill", id]).unwrap();
-    c.wait_task_status(id, "STOPPED", TIMEOUT).unwrap();
+    c.wait_task_status(id, "STOPPED", STOP_TIMEOUT).unwrap();
     let last = read_counter(&c.bundle(id)).unwrap();
     let rm = c.ctr_run(&["tasks", "rm", id], TIMEOUT).unwrap();
     assert_eq!(rm.code, Some(0), "{rm:?}");
