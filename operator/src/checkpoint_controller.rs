@@ -16,9 +16,7 @@
 //! subresource (field manager `kybernate-operator`), with `observedGeneration`. The outcome is also a
 //! Kubernetes Event on the Checkpoint (`Checkpointed`, or a warning with the failure's reason).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
@@ -26,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::chrono::Utc;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use kybernate_api::{BundleStatus, Checkpoint, CheckpointStatus, Phase};
@@ -34,11 +32,11 @@ use kybernate_proto::kybernate::agent::v1::{checkpoint_request, PodTarget};
 use serde_json::json;
 
 use crate::agents::{CheckpointRequest, NodeAgents};
+pub use crate::backoff::Backoff;
+use crate::status::{self, MANAGER};
 
 /// The finalizer the controller puts on every Checkpoint.
 pub const FINALIZER: &str = "kybernate.io/checkpoint";
-/// The field manager of its status writes, and the reporting controller of its Events.
-pub const MANAGER: &str = "kybernate-operator";
 /// The condition saying whether the checkpoint is done.
 pub const READY: &str = "Ready";
 /// The condition saying whether every bundle is in a store (not only on the node).
@@ -92,43 +90,6 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-}
-
-/// How long a Checkpoint waits before its next try after a retryable failure: `base`, doubled at each
-/// consecutive failure, at most `max`; a success or a final failure starts it over.
-#[derive(Debug)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Backoff {
-    /// Starting at `base`, never longer than `max`.
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff { base, max, failures: Mutex::new(HashMap::new()) }
-    }
-
-    /// The wait after one more failure of `key`.
-    pub fn next(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let n = failures.entry(key.to_string()).or_insert(0);
-        let delay = self.base.saturating_mul(2u32.saturating_pow(*n)).min(self.max);
-        *n = n.saturating_add(1);
-        delay
-    }
-
-    /// Forgets the failures of `key`.
-    pub fn reset(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-    }
-}
-
-impl Default for Backoff {
-    /// 5 s, 10 s, 20 s, … up to 5 minutes.
-    fn default() -> Self {
-        Backoff::new(Duration::from_secs(5), Duration::from_secs(300))
-    }
 }
 
 /// What every reconcile shares.
@@ -439,51 +400,25 @@ impl Step<'_> {
 
     /// A condition of this generation, keeping its transition time when its status did not change.
     fn condition(&self, type_: &str, status: bool, reason: &str, message: String, now: &Time) -> Condition {
-        let status = if status { "True" } else { "False" }.to_string();
-        let last_transition_time = self
-            .checkpoint
-            .status
-            .iter()
-            .flat_map(|s| s.conditions.iter())
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-        Condition {
-            type_: type_.to_string(),
-            status,
-            reason: reason.to_string(),
-            message,
-            last_transition_time,
-            observed_generation: self.checkpoint.metadata.generation,
-        }
+        let previous = self.checkpoint.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+        status::condition(previous, self.checkpoint.metadata.generation, type_, status, reason, message, now)
     }
 
     /// Writes the whole status (server-side apply on the status subresource).
-    async fn write(&self, status: &CheckpointStatus) -> Result<(), Error> {
-        let status =
-            serde_json::to_value(status).map_err(|source| Error::Serialize { name: self.name.to_string(), source })?;
-        let patch = Patch::Apply(json!({
-            "apiVersion": Checkpoint::api_version(&()),
-            "kind": Checkpoint::kind(&()),
-            "status": status,
-        }));
-        self.api.patch_status(self.name, &PatchParams::apply(MANAGER).force(), &patch).await.map_err(|source| {
-            Error::PatchStatus { namespace: self.namespace.to_string(), name: self.name.to_string(), source }
-        })?;
-        Ok(())
+    async fn write(&self, checkpoint_status: &CheckpointStatus) -> Result<(), Error> {
+        let value = serde_json::to_value(checkpoint_status)
+            .map_err(|source| Error::Serialize { name: self.name.to_string(), source })?;
+        status::apply(self.api, self.name, value).await.map_err(|source| Error::PatchStatus {
+            namespace: self.namespace.to_string(),
+            name: self.name.to_string(),
+            source,
+        })
     }
 
     /// Publishes an Event on the Checkpoint; a failure to is only logged.
     async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Checkpoint".to_string(),
-            secondary: None,
-        };
-        if let Err(e) = self.ctx.recorder.publish(&event, &self.checkpoint.object_ref(&())).await {
-            tracing::warn!(checkpoint = %key(self.checkpoint), error = %e, "publishing an Event failed");
-        }
+        let object = self.checkpoint.object_ref(&());
+        status::publish(&self.ctx.recorder, &object, type_, "Checkpoint", reason, note).await;
     }
 }
 

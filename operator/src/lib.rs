@@ -18,10 +18,12 @@
 
 pub mod admission;
 pub mod agents;
+pub mod backoff;
 pub mod checkpoint_controller;
 pub mod identity;
 pub mod metrics;
 pub mod policies;
 pub mod selector;
+pub mod status;
 pub mod store_index;
 pub mod webhook_server;
