@@ -1,5 +1,5 @@
 //! The node agents as the controllers see them: [`NodeAgents`] checkpoints a container on the node
-//! that runs it. [`GrpcAgents`] dials that node's `kybernate-agent` (`kybernate.agent.v1.Agent`,
+//! that runs it, and lists and deletes the bundles kept there. [`GrpcAgents`] dials that node's `kybernate-agent` (`kybernate.agent.v1.Agent`,
 //! `proto/kybernate/agent/v1/agent.proto`) at an address made from a template (`{node}:7443`) or
 //! given per node; tests put a fake in its place.
 
@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kybernate_proto::kybernate::agent::v1::agent_client::AgentClient;
-pub use kybernate_proto::kybernate::agent::v1::CheckpointRequest;
+use kybernate_proto::kybernate::agent::v1::DeleteRequest;
+pub use kybernate_proto::kybernate::agent::v1::{Bundle, CheckpointRequest, ListRequest};
 use tonic::transport::{Channel, Endpoint};
 
 /// Where the agent of every node listens unless told otherwise: `{node}` is the node's name.
@@ -58,8 +59,8 @@ pub enum AgentError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The agent answered with an error: the checkpoint failed.
-    #[error("the agent of node {node} failed the checkpoint ({code:?}): {message}")]
+    /// The agent answered with an error: the request (a checkpoint, a listing, a deletion) failed.
+    #[error("the agent of node {node} failed the request ({code:?}): {message}")]
     Failed {
         /// The node.
         node: String,
@@ -89,6 +90,12 @@ impl AgentError {
 pub trait NodeAgents: Send + Sync {
     /// Checkpoints one container through the agent of `node`.
     async fn checkpoint(&self, node: &str, request: CheckpointRequest) -> Result<CheckpointDone, AgentError>;
+
+    /// The sealed bundles the agent of `node` keeps that `request` selects.
+    async fn list(&self, node: &str, request: ListRequest) -> Result<Vec<Bundle>, AgentError>;
+
+    /// Deletes the bundle directory `path` on `node`.
+    async fn delete(&self, node: &str, path: &str) -> Result<(), AgentError>;
 }
 
 /// Where each node's agent listens: a template for every node, with exceptions per node.
@@ -206,20 +213,37 @@ impl NodeAgents for GrpcAgents {
                 message: format!("no answer within {:?}", self.request_timeout),
             }
         })?;
-        let response = answer.map_err(|status| match status.code() {
-            // The connection went away before an answer: the transport's failure, not the agent's.
-            tonic::Code::Unavailable => {
-                AgentError::Unreachable { node: node.to_string(), address, source: Box::new(status) }
-            }
-            code => AgentError::Failed { node: node.to_string(), code, message: status.message().to_string() },
-        })?;
-        let response = response.into_inner();
+        let response = answer.map_err(|status| answer_error(node, &address, status))?.into_inner();
         let bundle = response.bundle.ok_or_else(|| AgentError::NoBundle { node: node.to_string() })?;
         Ok(CheckpointDone {
             bundle_path: bundle.path,
             stored_reference: Some(response.stored_reference).filter(|r| !r.is_empty()),
             bytes: bundle.bytes,
         })
+    }
+
+    async fn list(&self, node: &str, request: ListRequest) -> Result<Vec<Bundle>, AgentError> {
+        let (mut client, address) = self.connect(node).await?;
+        let answer = client.list(request).await.map_err(|status| answer_error(node, &address, status))?;
+        Ok(answer.into_inner().bundles)
+    }
+
+    async fn delete(&self, node: &str, path: &str) -> Result<(), AgentError> {
+        let (mut client, address) = self.connect(node).await?;
+        let request = DeleteRequest { path: path.to_string() };
+        client.delete(request).await.map_err(|status| answer_error(node, &address, status))?;
+        Ok(())
+    }
+}
+
+/// The error of an agent's answer `status`: `UNAVAILABLE` (the connection went away before an
+/// answer) is the transport's failure, not the agent's.
+fn answer_error(node: &str, address: &str, status: tonic::Status) -> AgentError {
+    match status.code() {
+        tonic::Code::Unavailable => {
+            AgentError::Unreachable { node: node.to_string(), address: address.to_string(), source: Box::new(status) }
+        }
+        code => AgentError::Failed { node: node.to_string(), code, message: status.message().to_string() },
     }
 }
 

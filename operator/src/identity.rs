@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::Pod;
 
 /// Which pods' checkpoints a new pod takes as its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PodMatch {
     /// The pod with exactly this name (the name is stable across re-creation).
     Named(String),
@@ -13,7 +13,7 @@ pub enum PodMatch {
 }
 
 /// A pod's identity across re-creation, in its namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodIdentity {
     /// The Kubernetes namespace.
     pub namespace: String,

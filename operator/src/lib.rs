@@ -9,7 +9,9 @@
 //! ([`webhook_server`]).
 //!
 //! The [`checkpoint_controller`] carries out `Checkpoint` resources through the node agents
-//! ([`agents`]).
+//! ([`agents`]). The [`policy_controller`] keeps each CheckpointPolicy's pods annotated, creates its
+//! periodic Checkpoints and applies its retention ([`retention`]) to the store and the nodes. They
+//! share [`status`] (conditions, status writes, Events) and [`backoff`].
 //!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
 //! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks),
@@ -23,6 +25,8 @@ pub mod checkpoint_controller;
 pub mod identity;
 pub mod metrics;
 pub mod policies;
+pub mod policy_controller;
+pub mod retention;
 pub mod selector;
 pub mod status;
 pub mod store_index;

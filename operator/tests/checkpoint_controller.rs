@@ -15,7 +15,7 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::Client;
 use kybernate_api::Checkpoint;
-use kybernate_operator::agents::{AgentError, CheckpointDone, CheckpointRequest, NodeAgents};
+use kybernate_operator::agents::{AgentError, Bundle, CheckpointDone, CheckpointRequest, ListRequest, NodeAgents};
 use kybernate_operator::checkpoint_controller::{error_policy, reconcile, Context, Error};
 use kybernate_proto::kybernate::agent::v1::{checkpoint_request::Target, PodTarget};
 use serde_json::{json, Value};
@@ -59,6 +59,14 @@ impl NodeAgents for FakeAgents {
     async fn checkpoint(&self, node: &str, request: CheckpointRequest) -> Result<CheckpointDone, AgentError> {
         self.asked.lock().unwrap().push((node.to_string(), request));
         self.answers.lock().unwrap().pop_front().expect("an answer queued for every checkpoint")
+    }
+
+    async fn list(&self, node: &str, _: ListRequest) -> Result<Vec<Bundle>, AgentError> {
+        panic!("the Checkpoint controller listed the bundles of node {node}")
+    }
+
+    async fn delete(&self, node: &str, path: &str) -> Result<(), AgentError> {
+        panic!("the Checkpoint controller deleted {path} on node {node}")
     }
 }
 
@@ -452,7 +460,7 @@ async fn an_agent_error_fails() {
     ];
     let (action, bodies) = run(object, agents, expected).await;
     assert_eq!(action, Action::await_change());
-    let message = "checkpointing container app: the agent of node gpu-1 failed the checkpoint (Internal): \
+    let message = "checkpointing container app: the agent of node gpu-1 failed the request (Internal): \
                    criu dump failed: task not found";
     assert_eq!(
         bodies[1],

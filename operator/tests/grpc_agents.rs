@@ -15,10 +15,26 @@ use kybernate_proto::kybernate::agent::v1::{
 use tonic::codegen::tokio_stream;
 use tonic::{Request, Response, Status};
 
-/// An agent answering Checkpoint with `answer`, recording the requests.
+/// An agent answering Checkpoint with `answer`, recording the requests; it keeps the bundles of
+/// [`kept`], and deletes any but `/missing`.
 struct FakeAgent {
     answer: Result<CheckpointResponse, Status>,
     asked: Arc<Mutex<Vec<CheckpointRequest>>>,
+}
+
+/// The bundles every fake agent keeps.
+fn kept() -> Vec<Bundle> {
+    ["web-0", "web-1"]
+        .iter()
+        .map(|pod| Bundle {
+            path: format!("/var/lib/kybernate/checkpoints/ml/{pod}/app/2026-12-01T10:00:00.000Z"),
+            namespace: "ml".into(),
+            pod: pod.to_string(),
+            container: "app".into(),
+            time: "2026-12-01T10:00:00.000Z".into(),
+            ..Bundle::default()
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -27,11 +43,15 @@ impl Agent for FakeAgent {
         self.asked.lock().unwrap().push(request.into_inner());
         self.answer.clone().map(Response::new)
     }
-    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        Err(Status::unimplemented("list"))
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let pod = request.into_inner().pod;
+        Ok(Response::new(ListResponse { bundles: kept().into_iter().filter(|b| b.pod == pod).collect() }))
     }
-    async fn delete(&self, _: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
-        Err(Status::unimplemented("delete"))
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        match request.into_inner().path {
+            missing if missing == "/missing" => Err(Status::not_found("no bundle /missing")),
+            path => Ok(Response::new(DeleteResponse { path })),
+        }
     }
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Err(Status::unimplemented("status"))
@@ -113,8 +133,18 @@ async fn an_agent_error_is_not_retried() {
     assert!(matches!(&err, AgentError::Failed { code: tonic::Code::FailedPrecondition, .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
-        "the agent of node gpu-1 failed the checkpoint (FailedPrecondition): container app is not running"
+        "the agent of node gpu-1 failed the request (FailedPrecondition): container app is not running"
     );
+}
+
+#[tokio::test]
+async fn bundles_are_listed_and_deleted_through_the_agent() {
+    let (agents, _) = agent(Ok(CheckpointResponse::default())).await;
+    let request = ListRequest { namespace: "ml".into(), pod: "web-1".into(), container: String::new() };
+    assert_eq!(agents.list("gpu-1", request).await.unwrap(), kept()[1..]);
+    agents.delete("gpu-1", &kept()[1].path).await.unwrap();
+    let err = agents.delete("gpu-1", "/missing").await.unwrap_err();
+    assert_eq!(err.to_string(), "the agent of node gpu-1 failed the request (NotFound): no bundle /missing");
 }
 
 #[tokio::test]
