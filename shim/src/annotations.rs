@@ -2,12 +2,15 @@
 //! them from the pod and container metadata when the runtime handler's `pod_annotations` /
 //! `container_annotations` allow-lists name `kybernate.io/*`; `ctr run --annotation` sets them too).
 
-use crate::config::{RestoreMode, ShimConfig};
+use crate::config::{CheckpointMode, RestoreMode, ShimConfig};
 use crate::error::{Result, ShimError};
 use crate::spec::SpecInfo;
 
 /// `"true"`: checkpoint the container when it is stopped; `"false"`: never (overrides the config).
 pub const CHECKPOINT_ON_STOP: &str = "kybernate.io/checkpoint-on-stop";
+/// `disk` or `diskless`: where a checkpoint on stop is written (wins over the config's
+/// `checkpoint_mode`).
+pub const CHECKPOINT_MODE: &str = "kybernate.io/checkpoint-mode";
 /// A bundle to restore instead of starting fresh: a local path, `file://…` or `s3://bucket/key`.
 /// On a pod, it names a pod checkpoint (the pod's directory or store prefix, optionally
 /// `#<time>`), in which each container finds its own bundle by name.
@@ -72,6 +75,22 @@ pub fn checkpoint_on_stop(spec: &SpecInfo, config: &ShimConfig) -> Result<bool> 
     match spec.annotation(CHECKPOINT_ON_STOP) {
         Some(value) => parse_bool(CHECKPOINT_ON_STOP, value),
         None => Ok(config.checkpoint_on_stop),
+    }
+}
+
+/// How the container is checkpointed on stop, if it is: [`checkpoint_on_stop`], and then its
+/// `kybernate.io/checkpoint-mode` annotation, else the configuration's `checkpoint_mode`.
+pub fn on_stop(spec: &SpecInfo, config: &ShimConfig) -> Result<Option<CheckpointMode>> {
+    if !checkpoint_on_stop(spec, config)? {
+        return Ok(None);
+    }
+    match spec.annotation(CHECKPOINT_MODE) {
+        None => Ok(Some(config.checkpoint_mode)),
+        Some("disk") => Ok(Some(CheckpointMode::Disk)),
+        Some("diskless") => Ok(Some(CheckpointMode::Diskless)),
+        Some(other) => Err(ShimError::InvalidArgument(format!(
+            "annotation {CHECKPOINT_MODE}={other:?} is not a checkpoint mode: use \"disk\" or \"diskless\""
+        ))),
     }
 }
 
@@ -153,6 +172,23 @@ mod tests {
         assert_eq!(
             err,
             "annotation kybernate.io/restore-mode=\"fast\" is not a restore mode: use \"full\" or \"lazy\""
+        );
+    }
+
+    #[test]
+    fn the_checkpoint_mode_follows_the_annotation_then_the_config() {
+        let disk = ShimConfig { checkpoint_on_stop: true, ..Default::default() };
+        let diskless = ShimConfig { checkpoint_mode: CheckpointMode::Diskless, ..disk.clone() };
+        assert_eq!(on_stop(&spec(&[]), &disk).unwrap(), Some(CheckpointMode::Disk));
+        assert_eq!(on_stop(&spec(&[]), &diskless).unwrap(), Some(CheckpointMode::Diskless));
+        assert_eq!(on_stop(&spec(&[(CHECKPOINT_MODE, "diskless")]), &disk).unwrap(), Some(CheckpointMode::Diskless));
+        assert_eq!(on_stop(&spec(&[(CHECKPOINT_MODE, "disk")]), &diskless).unwrap(), Some(CheckpointMode::Disk));
+        let off = spec(&[(CHECKPOINT_ON_STOP, "false"), (CHECKPOINT_MODE, "diskless")]);
+        assert_eq!(on_stop(&off, &disk).unwrap(), None, "no checkpoint on stop, in any mode");
+        let err = on_stop(&spec(&[(CHECKPOINT_MODE, "ram")]), &disk).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "annotation kybernate.io/checkpoint-mode=\"ram\" is not a checkpoint mode: use \"disk\" or \"diskless\""
         );
     }
 }

@@ -12,6 +12,8 @@
 //! restore_timeout_secs = 600           # a hung CRIU restore is killed after this long
 //! checkpoint_on_stop = false           # checkpoint every container of this runtime when stopped
 //! checkpoint_dir = "/var/lib/kybernate/checkpoints"  # node checkpoint directory
+//! checkpoint_mode = "disk"             # disk | diskless (into memory, then straight to the store)
+//! diskless_dir = "/dev/shm/kybernate"  # the memory (tmpfs) a diskless checkpoint is written into
 //! checkpoint_budget = "2m"             # a checkpoint on stop that takes longer is abandoned
 //! pod_checkpoint_window = "30s"        # stops of a pod's containers this close share a pod checkpoint
 //! keep_bundles = 3                     # sealed bundles kept per container in checkpoint_dir
@@ -49,6 +51,8 @@ use crate::error::{Result, ShimError};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kybernate/config.toml";
 /// runc's state root when neither the file nor the runtime options set one (as containerd's runc shim).
 pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
+/// Where diskless checkpoints are written unless the file says otherwise (tmpfs on Linux).
+pub const DEFAULT_DISKLESS_DIR: &str = "/dev/shm/kybernate";
 /// Where remote bundles are fetched for a restore unless the file says otherwise.
 pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/kybernate/restore";
 /// The time budget of a checkpoint on stop unless the file says otherwise.
@@ -92,6 +96,13 @@ pub struct ShimConfig {
     pub checkpoint_on_stop: bool,
     /// The node checkpoint directory where checkpoints on stop are written.
     pub checkpoint_dir: PathBuf,
+    /// Where checkpoints on stop go unless a container's `kybernate.io/checkpoint-mode` says
+    /// otherwise: `disk` (sealed and fsynced in `checkpoint_dir`, shipped later by the sidecar) or
+    /// `diskless` (sealed in `diskless_dir`, in memory, and pushed to the store by the sidecar before
+    /// the stop returns; kept in `checkpoint_dir` when the push fails).
+    pub checkpoint_mode: CheckpointMode,
+    /// A memory-backed directory (tmpfs) diskless checkpoints are written into and pushed from.
+    pub diskless_dir: PathBuf,
     /// How long a checkpoint on stop may take (a duration such as `90s` or `2m`); a slower one is
     /// abandoned and the container stops as it would have without Kybernate.
     pub checkpoint_budget: String,
@@ -132,6 +143,19 @@ pub struct ShimConfig {
     pub tenant_grants: Vec<TenantGrant>,
     /// Public keys whose restore grants (`kybernate.io/restore-grant`) are accepted: the operator's.
     pub grant_keys: Vec<PathBuf>,
+}
+
+/// Where a checkpoint on stop is written, and when it counts as done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointMode {
+    /// Sealed and fsynced in the node checkpoint directory: done once it is on the node's disk.
+    #[default]
+    Disk,
+    /// Sealed in memory (`diskless_dir`) and pushed from there to the store: done once the store
+    /// holds it. Nothing is written to the node's disk unless the push fails; then the bundle is
+    /// kept in the checkpoint directory, as a `disk` one, for the sidecar to ship later.
+    Diskless,
 }
 
 /// How a container's memory is restored.
@@ -176,6 +200,8 @@ impl Default for ShimConfig {
             restore_timeout_secs: checkpoint_core::DEFAULT_RESTORE_TIMEOUT.as_secs(),
             checkpoint_on_stop: false,
             checkpoint_dir: PathBuf::from(checkpoint_core::bundle::DEFAULT_CHECKPOINT_ROOT),
+            checkpoint_mode: CheckpointMode::Disk,
+            diskless_dir: PathBuf::from(DEFAULT_DISKLESS_DIR),
             checkpoint_budget: "2m".into(),
             pod_checkpoint_window: "30s".into(),
             keep_bundles: 3,

@@ -35,6 +35,7 @@ pub mod reaper;
 pub mod runc;
 pub mod service;
 pub mod shim;
+pub mod sidecar;
 pub mod spec;
 pub mod stats;
 pub mod task;

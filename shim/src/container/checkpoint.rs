@@ -59,7 +59,7 @@ impl Container {
                 checkpoint_container_bundle(&self.runc, &self.criu, &req.image_dir, &container, &opts)?
             }
             CheckpointKind::NodeBundle => {
-                let report = self.write_node_bundle(&req.image_dir, signer, &opts)?;
+                let report = self.write_node_bundle(&req.image_dir, signer, &opts, Durability::Synced)?;
                 self.prune_old_bundles(&req.image_dir);
                 report
             }

@@ -13,7 +13,7 @@ use containerd_shim::util::{read_pid_from_file, write_options};
 use super::pod_checkpoint::PodCheckpoints;
 use super::restore_from;
 use super::state::{Container, CreateFlags, Lifecycle};
-use crate::config::ShimConfig;
+use crate::config::{CheckpointMode, ShimConfig};
 use crate::error::{Result, ShimError};
 use crate::events::{Events, TaskEvent};
 use crate::io::{ConsoleSocket, IoOwner, ProcessIo};
@@ -70,7 +70,7 @@ pub struct Prepared {
     runc: Runc,
     criu: Criu,
     restore: Option<RestorableBundle>,
-    checkpoint_on_stop: bool,
+    checkpoint_on_stop: Option<CheckpointMode>,
 }
 
 /// The side-effect-free part of Create (it may take a while: a checkpoint is hashed). Reads the
@@ -97,7 +97,7 @@ pub fn prepare(ctx: &CreateContext<'_>, req: &CreateRequest) -> Result<Prepared>
     let spec = SpecInfo::load(&req.bundle)?;
     let runc = runc_for(&config, ctx.namespace, &req.bundle, ctx.reaper);
     let criu = criu_for(&config, ctx.reaper);
-    let checkpoint_on_stop = crate::annotations::checkpoint_on_stop(&spec, &config)?;
+    let checkpoint_on_stop = crate::annotations::on_stop(&spec, &config)?;
     // A checkpoint named by containerd (`ctr c restore`) wins over one named by annotation.
     let restore = match req.checkpoint.as_str() {
         "" => restore_from::resolve(&spec, &req.id, ctx.namespace, &config, &criu, ctx.reaper)?,

@@ -23,7 +23,8 @@ impl Container {
         }
         if exec_id.is_empty() {
             drop(procs);
-            if self.checkpoint_on_stop && is_stop_signal(signal) && self.checkpoint_before_stop(signal) {
+            let on_stop = self.checkpoint_on_stop.filter(|_| is_stop_signal(signal));
+            if on_stop.is_some_and(|mode| self.checkpoint_before_stop(signal, mode)) {
                 return Ok(());
             }
             if signal == libc::SIGKILL as u32 {

@@ -1,5 +1,5 @@
 //! The containers a shim serves, with runc: one file per operation (`create.rs`, `start.rs`,
-//! `exec.rs`, `kill.rs`, `stop.rs`, `checkpoint.rs`, `control.rs`, `delete.rs`) on the [`Container`]
+//! `exec.rs`, `kill.rs`, `stop.rs` (with `diskless.rs`), `checkpoint.rs`, `control.rs`, `delete.rs`) on the [`Container`]
 //! of `state.rs`, restore-from resolution in `restore_from.rs`, the pod checkpoints of checkpoints on
 //! stop in `pod_checkpoint.rs`, and the [`RuncRuntime`] that plugs
 //! them into the task service (`runtime.rs`). Nothing here sees protobuf.
@@ -8,6 +8,7 @@ mod checkpoint;
 mod control;
 mod create;
 mod delete;
+mod diskless;
 mod exec;
 mod kill;
 mod pod_checkpoint;

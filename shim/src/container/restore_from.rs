@@ -25,7 +25,6 @@
 //! (or, with `fallback-fresh`, starts the container fresh and logs why).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,7 +32,7 @@ use checkpoint_core::bundle::ContainerIdentity;
 use checkpoint_core::pod::{self, DirKind, Selection};
 use checkpoint_core::reference::BundleRef;
 use checkpoint_core::tenant::Tenant;
-use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, SpawnHook, Spawner, TenantCheck};
+use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, TenantCheck};
 
 use crate::annotations::{
     is_sandbox, restore_policy, RestorePolicy, CONTAINER_NAME, POD_NAMESPACE, RESTORE_FROM,
@@ -234,31 +233,18 @@ fn fetch(
         target = format!("{target}#{at}");
     }
     tracing::info!(id, reference = %target, container, dest = %dest.display(), "fetching bundle");
-    let mut cmd = Command::new(&config.sidecar_binary);
-    cmd.args(["pull", "--skip-manifest-check"]);
+    let mut args = vec!["pull".into(), "--skip-manifest-check".into()];
     if let Some(container) = container {
-        cmd.arg("--container").arg(container);
+        args.extend(["--container".into(), container.into()]);
     }
-    cmd.arg(&target).arg(&dest).stdin(Stdio::null());
-    let timeout = config.fetch_timeout();
-    let output =
-        Spawner::hooked(Arc::clone(reaper) as Arc<dyn SpawnHook>).output_within(&mut cmd, timeout).map_err(|e| {
-            let fix = match e.kind() {
-                std::io::ErrorKind::TimedOut => {
-                    "raise fetch_timeout in the shim config, or check the store".to_string()
-                }
-                _ => format!(
-                    "install kybernate-sidecar or set sidecar_binary in the shim config (now {})",
-                    config.sidecar_binary.display()
-                ),
-            };
-            ShimError::Unavailable(format!("fetching {target} with kybernate-sidecar pull: {e}; {fix}"))
-        })?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let said = stderr.trim().lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
-    match output.status.code() {
+    args.extend([std::ffi::OsString::from(&target), dest.clone().into_os_string()]);
+    let what = format!("fetching {target}");
+    let fix = "raise fetch_timeout in the shim config, or check the store";
+    let run = crate::sidecar::run(config, reaper, &args, config.fetch_timeout(), &what, fix)?;
+    let said = run.said;
+    match run.code {
         Some(0) => Ok(Located::Bundle(dest)),
         Some(SIDECAR_NOT_COVERED) if container.is_some() => Ok(Located::NotCovered(said)),
-        _ => Err(ShimError::Unavailable(format!("fetching {target} failed ({}): {said}", output.status))),
+        _ => Err(ShimError::Unavailable(format!("fetching {target} failed ({}): {said}", run.status))),
     }
 }

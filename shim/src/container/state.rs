@@ -17,7 +17,7 @@ use checkpoint_core::{Criu, RestorableBundle, Runc};
 
 use super::pod_checkpoint::PodCheckpoints;
 use crate::annotations::{CONTAINER_NAME, IMAGE_NAME, POD_NAME, POD_NAMESPACE};
-use crate::config::ShimConfig;
+use crate::config::{CheckpointMode, ShimConfig};
 use crate::error::{Result, ShimError};
 use crate::events::{Events, TaskEvent};
 use crate::io::ProcessIo;
@@ -91,8 +91,8 @@ pub struct Container {
     pub rootfs: Option<PathBuf>,
     /// The overlayfs upper directory of the rootfs (its writable layer), when it is an overlay.
     pub upperdir: Option<PathBuf>,
-    /// Whether a stop signal checkpoints the container first.
-    pub checkpoint_on_stop: bool,
+    /// Whether a stop signal checkpoints the container first, and where to.
+    pub checkpoint_on_stop: Option<CheckpointMode>,
     /// The pod checkpoints of this shim, which checkpoints on stop join.
     pub pod_checkpoints: Arc<PodCheckpoints>,
     /// Where events go.

@@ -10,12 +10,15 @@
 //! marked `PARTIAL`. Either way the failure is logged (saying which) and the stop signal is delivered
 //! as if Kybernate were not there.
 //!
+//! A diskless checkpoint (`diskless.rs`) is sealed in memory instead and pushed to the store before
+//! the Kill returns; it lands in the checkpoint directory only when the push fails.
+//!
 //! On a node with NVML, the container's processes that use a GPU are locked and their GPU state
 //! checkpointed around the dump by the configured `gpu_backend` (rolled back on failure), and the
 //! bundle's manifest describes the GPUs; see `docs/gpu.md`. Every bundle is signed with the node's key
 //! (`signing_key`); without a usable key there is no checkpoint, and the container stops as usual.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -23,8 +26,10 @@ use checkpoint_core::bundle::{bundle_dir, BundleLayout, Durability};
 use checkpoint_core::trust::SigningKey;
 use checkpoint_core::{BundleReport, CheckpointOptions, ContainerCheckpoint};
 
+use super::diskless::MemoryRoot;
 use super::state::Container;
 use crate::annotations::{CONTAINER_NAME, POD_NAME, POD_NAMESPACE};
+use crate::config::CheckpointMode;
 use crate::events::TaskEvent;
 use crate::task::TaskStatus;
 use crate::RUNTIME_ID;
@@ -39,13 +44,15 @@ pub fn is_stop_signal(signal: u32) -> bool {
 
 impl Container {
     /// Writes a node bundle of the container into `dir` with one checkpoint-core call: the archive
-    /// layout with the writable layer (the overlay upper directory), fsynced and signed by `signer`.
+    /// layout with the writable layer (the overlay upper directory), signed by `signer`, fsynced
+    /// unless `durability` says otherwise (a diskless bundle, in memory).
     /// The one writer of checkpoint on stop and of the node agent's checkpoints (`checkpoint.rs`).
     pub(super) fn write_node_bundle(
         &self,
         dir: &Path,
         signer: Arc<SigningKey>,
         opts: &CheckpointOptions,
+        durability: Durability,
     ) -> checkpoint_core::Result<BundleReport> {
         let container = ContainerCheckpoint {
             id: self.id.clone(),
@@ -55,7 +62,7 @@ impl Container {
             runtime: RUNTIME_ID.to_string(),
             gpu: self.gpu_context(),
             layout: BundleLayout::Archive,
-            durability: Durability::Synced,
+            durability,
             signer: Some(signer),
             restored_at: self.restored_at,
         };
@@ -82,10 +89,11 @@ impl Container {
         }
     }
 
-    /// Checkpoints the running container into a new bundle before it stops on `signal`. Returns
-    /// whether it did: then the container is gone and its exit is reported as `128 + signal`.
-    /// Otherwise (not running, or the checkpoint failed) the caller delivers the signal.
-    pub fn checkpoint_before_stop(&self, signal: u32) -> bool {
+    /// Checkpoints the running container into a new bundle, in `mode`, before it stops on `signal`.
+    /// Returns whether it did: then the container is gone and its exit is reported as
+    /// `128 + signal`. Otherwise (not running, or the checkpoint failed) the caller delivers the
+    /// signal.
+    pub fn checkpoint_before_stop(&self, signal: u32, mode: CheckpointMode) -> bool {
         let _ops = self.ops();
         if self.procs().init.status != TaskStatus::Running || !self.procs().init.is_alive() {
             return false;
@@ -107,7 +115,9 @@ impl Container {
             }
             None => SystemTime::now(),
         };
-        let dir = match bundle_dir(&self.config.checkpoint_dir, namespace, pod, name, at) {
+        let memory = (mode == CheckpointMode::Diskless).then(|| MemoryRoot::new(&self.config.diskless_dir, &self.id));
+        let root = memory.as_ref().map_or(&self.config.checkpoint_dir, |m| &m.root);
+        let dir = match bundle_dir(root, namespace, pod, name, at) {
             Ok(dir) => dir,
             Err(e) => {
                 tracing::warn!(id = %self.id, error = %e, "no checkpoint on stop: the bundle cannot be named");
@@ -122,9 +132,25 @@ impl Container {
             timeout: Some(self.config.checkpoint_budget()),
             ..Default::default()
         };
-        tracing::info!(id = %self.id, signal, bundle = %dir.display(), "checkpointing before stop");
+        tracing::info!(id = %self.id, signal, bundle = %dir.display(), ?mode, "checkpointing before stop");
         *self.stop_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal);
-        let result = self.write_node_bundle(&dir, signer, &opts);
+        let durability = if memory.is_some() { Durability::Unsynced } else { Durability::Synced };
+        let result = self.write_node_bundle(&dir, signer, &opts, durability);
+        // Where the bundle is now. A diskless one goes from memory to the store, or to disk when it
+        // cannot (so does a FAILED or PARTIAL one, for the record); the memory is freed after.
+        let dir = match (&memory, &result) {
+            (None, _) => dir,
+            (Some(memory), Ok(report)) => {
+                let time_left = self.config.checkpoint_budget().saturating_sub(report.total);
+                match self.ship_from_memory(memory, &dir, time_left) {
+                    Ok(location) => PathBuf::from(location),
+                    // Neither the store nor the disk took it (logged): the container is gone all the same.
+                    Err(_) => return true,
+                }
+            }
+            (Some(memory), Err(_)) => self.keep_on_disk(memory, &dir).unwrap_or(dir),
+        };
+        drop(memory);
         match result {
             Ok(report) => {
                 self.events.send(TaskEvent::Checkpointed {
@@ -142,7 +168,9 @@ impl Container {
                     bytes = report.checkpoint.image_bytes,
                     "checkpointed on stop"
                 );
-                self.prune_old_bundles(&dir);
+                if dir.starts_with(&self.config.checkpoint_dir) {
+                    self.prune_old_bundles(&dir);
+                }
                 true
             }
             Err(e) => {
