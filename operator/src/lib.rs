@@ -9,7 +9,9 @@
 //! ([`webhook_server`]).
 //!
 //! The [`checkpoint_controller`] carries out `Checkpoint` resources through the node agents
-//! ([`agents`]).
+//! ([`agents`]); the [`restore_controller`] makes each `Restore` a new pod, from its template, that
+//! the shim restores from the bundle or pod checkpoint it names. Both report through [`status`]
+//! (conditions, status writes, Events) and retry with a [`backoff`].
 //!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
 //! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks),
@@ -23,6 +25,7 @@ pub mod checkpoint_controller;
 pub mod identity;
 pub mod metrics;
 pub mod policies;
+pub mod restore_controller;
 pub mod selector;
 pub mod status;
 pub mod store_index;
