@@ -10,8 +10,10 @@
 //!
 //! The [`checkpoint_controller`] carries out `Checkpoint` resources through the node agents
 //! ([`agents`]). The [`policy_controller`] keeps each CheckpointPolicy's pods annotated, creates its
-//! periodic Checkpoints and applies its retention ([`retention`]) to the store and the nodes. They
-//! share [`status`] (conditions, status writes, Events) and [`backoff`].
+//! periodic Checkpoints and applies its retention ([`retention`]) to the store and the nodes. The
+//! [`restore_controller`] makes each `Restore` a new pod, from its template, that the shim restores
+//! from the bundle or pod checkpoint it names. They report through [`status`] (conditions, status
+//! writes, Events) and retry with a [`backoff`].
 //!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
 //! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks),
@@ -26,6 +28,7 @@ pub mod identity;
 pub mod metrics;
 pub mod policies;
 pub mod policy_controller;
+pub mod restore_controller;
 pub mod retention;
 pub mod selector;
 pub mod status;

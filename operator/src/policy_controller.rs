@@ -317,7 +317,8 @@ impl Step<'_> {
                 },
                 status: None,
             };
-            match api.create(&PostParams::default(), &checkpoint).await {
+            let params = PostParams { field_manager: Some(MANAGER.to_string()), ..PostParams::default() };
+            match api.create(&params, &checkpoint).await {
                 Ok(_) => created += 1,
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(source) => return Err(self.api_error(&format!("creating a Checkpoint of pod {pod_name}"), source)),

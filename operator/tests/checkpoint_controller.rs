@@ -8,34 +8,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{Method, Request, Response, StatusCode};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::chrono::{TimeZone as _, Utc};
-use kube::client::Body;
+use http::StatusCode;
 use kube::runtime::controller::Action;
-use kube::Client;
 use kybernate_api::Checkpoint;
 use kybernate_operator::agents::{AgentError, Bundle, CheckpointDone, CheckpointRequest, ListRequest, NodeAgents};
 use kybernate_operator::checkpoint_controller::{error_policy, reconcile, Context, Error};
 use kybernate_proto::kybernate::agent::v1::{checkpoint_request::Target, PodTarget};
 use serde_json::{json, Value};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+mod common;
 
-/// The clock of every test: the time the controller writes.
-const NOW: &str = "2025-01-02T03:04:05Z";
-/// When the Checkpoints of the tests went Running.
-const EARLIER: &str = "2025-01-02T03:00:00Z";
-
-fn now() -> Time {
-    Time(Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).single().expect("a valid time"))
-}
+use common::{api_error, merge, mock_client, now, pod_not_found, serve, served, Expect, Handle, EARLIER, NOW};
 
 const CHECKPOINT_PATH: &str = "/apis/kybernate.io/v1alpha1/namespaces/ml/checkpoints/cp";
 const STATUS_PATH: &str = "/apis/kybernate.io/v1alpha1/namespaces/ml/checkpoints/cp/status";
-const SSA_QUERY: &str = "&force=true&fieldManager=kybernate-operator";
 const POD_PATH: &str = "/api/v1/namespaces/ml/pods/trainer-0";
-const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
 
 /// Agents answering what a test queued, recording what they were asked.
 #[derive(Default)]
@@ -112,17 +99,6 @@ fn running_status() -> Value {
     })
 }
 
-fn merge(into: &mut Value, from: Value) {
-    match (into, from) {
-        (Value::Object(into), Value::Object(from)) => {
-            for (k, v) in from {
-                merge(into.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (into, from) => *into = from,
-    }
-}
-
 /// Pod `ml/trainer-0` on `node` (unscheduled when `None`) with `containers`.
 fn pod(node: Option<&str>, containers: &[&str]) -> Value {
     let containers: Vec<Value> = containers.iter().map(|c| json!({"name": c, "image": "trainer:1"})).collect();
@@ -133,94 +109,10 @@ fn pod(node: Option<&str>, containers: &[&str]) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer-0", "namespace": "ml"}, "spec": spec})
 }
 
-fn not_found() -> Value {
-    json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": "pods \"trainer-0\" not found", "reason": "NotFound", "code": 404,
-    })
-}
-
 /// A controller context on a mocked API server, with `agents`.
 fn context(agents: Arc<FakeAgents>) -> (Arc<Context>, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    let (client, handle) = mock_client();
     (Arc::new(Context::new(client, agents).with_clock(now)), handle)
-}
-
-/// One request the API server expects, and its answer.
-struct Expect {
-    method: Method,
-    path: &'static str,
-    query: Option<&'static str>,
-    content_type: Option<&'static str>,
-    answer: (StatusCode, Value),
-}
-
-impl Expect {
-    fn get(path: &'static str, status: StatusCode, answer: Value) -> Self {
-        Expect { method: Method::GET, path, query: None, content_type: None, answer: (status, answer) }
-    }
-
-    /// A server-side apply of the status; answered with `object`.
-    fn apply_status(object: &Checkpoint) -> Self {
-        Expect {
-            method: Method::PATCH,
-            path: STATUS_PATH,
-            query: Some(SSA_QUERY),
-            content_type: Some("application/apply-patch+yaml"),
-            answer: (StatusCode::OK, serde_json::to_value(object).unwrap()),
-        }
-    }
-
-    /// A JSON patch of the Checkpoint; answered with `object`.
-    fn json_patch(object: &Checkpoint) -> Self {
-        Expect {
-            method: Method::PATCH,
-            path: CHECKPOINT_PATH,
-            query: Some(""),
-            content_type: Some("application/json-patch+json"),
-            answer: (StatusCode::OK, serde_json::to_value(object).unwrap()),
-        }
-    }
-
-    /// An Event created; answered with itself.
-    fn event() -> Self {
-        Expect {
-            method: Method::POST,
-            path: EVENTS_PATH,
-            query: None,
-            content_type: Some("application/json"),
-            answer: (StatusCode::CREATED, Value::Null),
-        }
-    }
-}
-
-/// Serves `expected` in order on `handle`, returning the body of each request; the reconcile must
-/// make no other request (it would hang, and the test time out).
-fn serve(mut handle: Handle, expected: Vec<Expect>) -> tokio::task::JoinHandle<Vec<Value>> {
-    tokio::spawn(async move {
-        let mut bodies = Vec::new();
-        for expect in expected {
-            let (request, send) = handle.next_request().await.expect("the controller sends a request");
-            assert_eq!(request.method(), expect.method, "{}", request.uri());
-            assert_eq!(request.uri().path(), expect.path);
-            if let Some(query) = expect.query {
-                assert_eq!(request.uri().query().unwrap_or_default(), query, "{}", request.uri());
-            }
-            if let Some(content_type) = expect.content_type {
-                assert_eq!(request.headers()[http::header::CONTENT_TYPE], content_type, "{}", request.uri());
-            }
-            let bytes = request.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-            let (status, answer) = expect.answer;
-            let answer = if answer.is_null() { body.clone() } else { answer };
-            let response =
-                Response::builder().status(status).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap();
-            send.send_response(response);
-            bodies.push(body);
-        }
-        bodies
-    })
 }
 
 /// Reconciles `object` while the API server serves `expected`: the Action and each request's body.
@@ -231,8 +123,7 @@ async fn run(object: Checkpoint, agents: Arc<FakeAgents>, expected: Vec<Expect>)
         .await
         .expect("the reconcile finishes")
         .expect("the reconcile succeeds");
-    let bodies = tokio::time::timeout(Duration::from_secs(10), server).await.expect("every request came").unwrap();
-    (action, bodies)
+    (action, served(server).await)
 }
 
 /// The body of a server-side apply of `status`.
@@ -268,7 +159,8 @@ fn failed_from_pending(reason: &str, message: &str) -> Value {
 #[tokio::test]
 async fn the_finalizer_is_added_first() {
     let object = checkpoint(json!({}), json!({}));
-    let (action, bodies) = run(object.clone(), FakeAgents::answering([]), vec![Expect::json_patch(&object)]).await;
+    let (action, bodies) =
+        run(object.clone(), FakeAgents::answering([]), vec![Expect::json_patch(CHECKPOINT_PATH, &object)]).await;
     assert_eq!(action, Action::await_change());
     assert_eq!(
         bodies,
@@ -282,7 +174,8 @@ async fn the_finalizer_is_added_first() {
 #[tokio::test]
 async fn the_finalizer_joins_others() {
     let object = checkpoint(json!({"finalizers": ["example.com/keep"]}), json!({}));
-    let (action, bodies) = run(object.clone(), FakeAgents::answering([]), vec![Expect::json_patch(&object)]).await;
+    let (action, bodies) =
+        run(object.clone(), FakeAgents::answering([]), vec![Expect::json_patch(CHECKPOINT_PATH, &object)]).await;
     assert_eq!(action, Action::await_change());
     assert_eq!(
         bodies,
@@ -297,8 +190,10 @@ async fn the_finalizer_joins_others() {
 async fn pending_becomes_running_on_the_pods_node() {
     let agents = FakeAgents::answering([]);
     let object = started(json!({"podName": "trainer-0"}), None);
-    let expected =
-        vec![Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app"])), Expect::apply_status(&object)];
+    let expected = vec![
+        Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app"])),
+        Expect::apply_status(STATUS_PATH, &object),
+    ];
     let (action, bodies) = run(object, agents.clone(), expected).await;
     assert_eq!(action, Action::await_change());
     assert_eq!(bodies[0], Value::Null);
@@ -319,8 +214,11 @@ async fn pending_becomes_running_on_the_pods_node() {
 #[tokio::test]
 async fn a_missing_pod_fails() {
     let object = started(json!({"podName": "trainer-0"}), None);
-    let expected =
-        vec![Expect::get(POD_PATH, StatusCode::NOT_FOUND, not_found()), Expect::apply_status(&object), Expect::event()];
+    let expected = vec![
+        Expect::get(POD_PATH, StatusCode::NOT_FOUND, pod_not_found("trainer-0")),
+        Expect::apply_status(STATUS_PATH, &object),
+        Expect::event(),
+    ];
     let (action, bodies) = run(object, FakeAgents::answering([]), expected).await;
     assert_eq!(action, Action::await_change());
     let message = "pod ml/trainer-0 does not exist";
@@ -333,7 +231,7 @@ async fn an_unscheduled_pod_fails() {
     let object = started(json!({"podName": "trainer-0"}), None);
     let expected = vec![
         Expect::get(POD_PATH, StatusCode::OK, pod(None, &["app"])),
-        Expect::apply_status(&object),
+        Expect::apply_status(STATUS_PATH, &object),
         Expect::event(),
     ];
     let (action, bodies) = run(object, FakeAgents::answering([]), expected).await;
@@ -348,7 +246,7 @@ async fn an_unknown_container_fails() {
     let object = started(json!({"podName": "trainer-0", "container": "sidecar"}), None);
     let expected = vec![
         Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app", "metrics"])),
-        Expect::apply_status(&object),
+        Expect::apply_status(STATUS_PATH, &object),
         Expect::event(),
     ];
     let (action, bodies) = run(object, FakeAgents::answering([]), expected).await;
@@ -368,7 +266,7 @@ async fn running_succeeds_with_the_stored_bundle() {
     let object = started(json!({"podName": "trainer-0", "store": "s3://checkpoints"}), Some(running_status()));
     let expected = vec![
         Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app"])),
-        Expect::apply_status(&object),
+        Expect::apply_status(STATUS_PATH, &object),
         Expect::event(),
     ];
     let (action, bodies) = run(object, agents.clone(), expected).await;
@@ -417,7 +315,7 @@ async fn running_checkpoints_only_the_containers_not_done_yet() {
     let object = started(json!({"podName": "trainer-0"}), Some(status));
     let expected = vec![
         Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app", "metrics"])),
-        Expect::apply_status(&object),
+        Expect::apply_status(STATUS_PATH, &object),
         Expect::event(),
     ];
     let (action, bodies) = run(object, agents.clone(), expected).await;
@@ -455,7 +353,7 @@ async fn an_agent_error_fails() {
     let object = started(json!({"podName": "trainer-0"}), Some(running_status()));
     let expected = vec![
         Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app"])),
-        Expect::apply_status(&object),
+        Expect::apply_status(STATUS_PATH, &object),
         Expect::event(),
     ];
     let (action, bodies) = run(object, agents, expected).await;
@@ -482,12 +380,16 @@ async fn an_unreachable_agent_keeps_it_running_and_requeues_with_backoff() {
     let agents = FakeAgents::answering([Err(unreachable()), Err(unreachable())]);
     let object = started(json!({"podName": "trainer-0"}), Some(running_status()));
     let (ctx, handle) = context(agents.clone());
-    let step =
-        || vec![Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app"])), Expect::apply_status(&object)];
+    let step = || {
+        vec![
+            Expect::get(POD_PATH, StatusCode::OK, pod(Some("gpu-1"), &["app"])),
+            Expect::apply_status(STATUS_PATH, &object),
+        ]
+    };
     let server = serve(handle, step().into_iter().chain(step()).collect());
     let first = reconcile(Arc::new(object.clone()), ctx.clone()).await.unwrap();
     let second = reconcile(Arc::new(object.clone()), ctx.clone()).await.unwrap();
-    let bodies = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+    let bodies = served(server).await;
 
     assert_eq!(first, Action::requeue(Duration::from_secs(5)));
     assert_eq!(second, Action::requeue(Duration::from_secs(10)), "the backoff doubles");
@@ -511,12 +413,7 @@ async fn an_api_error_is_retried_by_the_error_policy() {
     let (ctx, handle) = context(FakeAgents::answering([]));
     let server = serve(
         handle,
-        vec![Expect::get(
-            POD_PATH,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd timeout",
-                   "reason": "InternalError", "code": 500}),
-        )],
+        vec![Expect::get(POD_PATH, StatusCode::INTERNAL_SERVER_ERROR, api_error(500, "InternalError", "etcd timeout"))],
     );
     let object = Arc::new(object);
     let err = reconcile(object.clone(), ctx.clone()).await.expect_err("the pod cannot be read");
@@ -534,7 +431,8 @@ async fn deletion_removes_the_finalizer_only() {
         json!({"finalizers": ["example.com/keep", "kybernate.io/checkpoint"], "deletionTimestamp": NOW}),
         json!({"status": running_status()}),
     );
-    let (action, bodies) = run(object.clone(), agents.clone(), vec![Expect::json_patch(&object)]).await;
+    let (action, bodies) =
+        run(object.clone(), agents.clone(), vec![Expect::json_patch(CHECKPOINT_PATH, &object)]).await;
     assert_eq!(action, Action::await_change());
     assert_eq!(
         bodies,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{assert_event, list, merge, serve, status_error, Expect, NOW};
+use common::{api_error, list, merge, serve, served, Expect, NOW};
 use http::StatusCode;
 use kube::runtime::controller::Action;
 use kybernate_api::CheckpointPolicy;
@@ -173,11 +173,7 @@ fn applied(status: Value) -> Value {
 
 /// The annotation patch of web-1.
 fn annotate_web_1() -> Expect {
-    Expect::patch(
-        format!("{PODS_PATH}/web-1"),
-        "application/merge-patch+json",
-        pod("web-1", "web", "Running", "gpu-2", false, true),
-    )
+    Expect::merge_patch(format!("{PODS_PATH}/web-1"), &pod("web-1", "web", "Running", "gpu-2", false, true))
 }
 
 /// Reconciles `object` with `agents` and `stores` while the API server serves `expected`.
@@ -187,19 +183,31 @@ async fn run(
     stores: Arc<FakeStores>,
     expected: Vec<Expect>,
 ) -> (Action, Vec<Value>) {
-    let (client, handle) = common::client();
+    let (client, handle) = common::mock_client();
     let ctx = Arc::new(Context::new(client, agents, stores).with_clock(common::now));
     let server = serve(handle, expected);
     let action = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(object), ctx))
         .await
         .expect("the reconcile finishes")
         .expect("the reconcile succeeds");
-    let bodies = tokio::time::timeout(Duration::from_secs(10), server).await.expect("every request came").unwrap();
-    (action, bodies)
+    (action, served(server).await)
 }
 
-fn regarding() -> (&'static str, &'static str, &'static str, &'static str) {
-    ("CheckpointPolicy", "ml", "nightly", "p-1")
+/// Asserts an Event body: its type, reason and note, and that it regards the policy `ml/nightly`.
+fn assert_event(event: &Value, type_: &str, reason: &str, note: &str) {
+    assert_eq!(event["type"], type_, "{event}");
+    assert_eq!(event["reason"], reason, "{event}");
+    assert_eq!(event["note"], note, "{event}");
+    assert_eq!(event["action"], "Reconcile", "{event}");
+    assert_eq!(event["reportingController"], "kybernate-operator", "{event}");
+    let regarding = &event["regarding"];
+    assert_eq!(regarding["kind"], "CheckpointPolicy", "{event}");
+    assert_eq!(regarding["apiVersion"], "kybernate.io/v1alpha1", "{event}");
+    assert_eq!(
+        (&regarding["namespace"], &regarding["name"], &regarding["uid"]),
+        (&json!("ml"), &json!("nightly"), &json!("p-1")),
+        "{event}"
+    );
 }
 
 #[tokio::test]
@@ -213,20 +221,13 @@ async fn pods_are_annotated_and_old_node_bundles_pruned() {
         Expect::get(PODS_PATH, StatusCode::OK, pods()),
         annotate_web_1(),
         Expect::get(CHECKPOINTS_PATH, StatusCode::OK, list("kybernate.io/v1alpha1", "CheckpointList", vec![])),
-        Expect::event("ml"),
-        Expect::apply_status(STATUS_PATH, serde_json::to_value(&object).unwrap()),
+        Expect::event(),
+        Expect::apply_status(STATUS_PATH, &object),
     ];
     let (action, bodies) = run(object, agents.clone(), Arc::default(), expected).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     assert_eq!(bodies[1], json!({"metadata": {"annotations": {"kybernate.io/checkpoint-policy": "nightly"}}}));
-    assert_event(
-        &bodies[3],
-        "Normal",
-        "Pruned",
-        "deleted 1 pod checkpoint(s) beyond the newest 2",
-        "Reconcile",
-        regarding(),
-    );
+    assert_event(&bodies[3], "Normal", "Pruned", "deleted 1 pod checkpoint(s) beyond the newest 2");
     assert_eq!(
         bodies[4],
         applied(json!({
@@ -268,12 +269,12 @@ async fn a_due_interval_creates_checkpoints_and_retention_reaches_checkpoints_an
     let expected = vec![
         Expect::get(PODS_PATH, StatusCode::OK, pods()),
         annotate_web_1(),
-        Expect::post(CHECKPOINTS_PATH, StatusCode::CREATED, Value::Null),
-        Expect::event("ml"),
+        Expect::create(CHECKPOINTS_PATH, StatusCode::CREATED, Value::Null),
+        Expect::event(),
         Expect::get(CHECKPOINTS_PATH, StatusCode::OK, checkpoints),
         Expect::delete(format!("{CHECKPOINTS_PATH}/c1")),
-        Expect::event("ml"),
-        Expect::apply_status(STATUS_PATH, serde_json::to_value(&object).unwrap()),
+        Expect::event(),
+        Expect::apply_status(STATUS_PATH, &object),
     ];
     let (action, bodies) = run(object, agents, stores.clone(), expected).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)), "the next one is due in 30 minutes: rescan first");
@@ -291,22 +292,8 @@ async fn a_due_interval_creates_checkpoints_and_retention_reaches_checkpoints_an
         }),
         "only web-0 runs on Kybernate; the name carries the time it was due (30 min after the last)"
     );
-    assert_event(
-        &bodies[3],
-        "Normal",
-        "Scheduled",
-        "created 1 Checkpoint(s), due at 2025-01-02T02:54:05+00:00",
-        "Reconcile",
-        regarding(),
-    );
-    assert_event(
-        &bodies[6],
-        "Normal",
-        "Pruned",
-        "deleted 2 pod checkpoint(s) beyond the newest 2",
-        "Reconcile",
-        regarding(),
-    );
+    assert_event(&bodies[3], "Normal", "Scheduled", "created 1 Checkpoint(s), due at 2025-01-02T02:54:05+00:00");
+    assert_event(&bodies[6], "Normal", "Pruned", "deleted 2 pod checkpoint(s) beyond the newest 2");
     let unreachable = format!(
         "listing {STORE}: connection refused; the agent of node gpu-2 at http://gpu-2:7443 is unreachable: connection refused"
     );
@@ -353,12 +340,12 @@ async fn a_checkpoint_created_before_is_not_created_twice() {
     let object = policy(json!({"interval": "30m"}), Some(json!({"lastCheckpoint": FORTY_AGO})));
     let only_web_0 = list("v1", "PodList", vec![pod("web-0", "web", "Running", "gpu-1", true, true)]);
     let exists =
-        status_error(409, "AlreadyExists", "checkpoints.kybernate.io \"nightly-web-0-1735786445\" already exists");
+        api_error(409, "AlreadyExists", "checkpoints.kybernate.io \"nightly-web-0-1735786445\" already exists");
     let expected = vec![
         Expect::get(PODS_PATH, StatusCode::OK, only_web_0),
-        Expect::post(CHECKPOINTS_PATH, StatusCode::CONFLICT, exists),
+        Expect::create(CHECKPOINTS_PATH, StatusCode::CONFLICT, exists),
         Expect::get(CHECKPOINTS_PATH, StatusCode::OK, list("kybernate.io/v1alpha1", "CheckpointList", vec![])),
-        Expect::apply_status(STATUS_PATH, serde_json::to_value(&object).unwrap()),
+        Expect::apply_status(STATUS_PATH, &object),
     ];
     let (action, bodies) = run(object, Arc::default(), Arc::default(), expected).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
@@ -372,7 +359,7 @@ async fn an_invalid_interval_is_reported_and_nothing_is_scheduled() {
     let expected = vec![
         Expect::get(PODS_PATH, StatusCode::OK, only_web_0),
         Expect::get(CHECKPOINTS_PATH, StatusCode::OK, list("kybernate.io/v1alpha1", "CheckpointList", vec![])),
-        Expect::apply_status(STATUS_PATH, serde_json::to_value(&object).unwrap()),
+        Expect::apply_status(STATUS_PATH, &object),
     ];
     let (action, bodies) = run(object, Arc::default(), Arc::default(), expected).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
@@ -383,11 +370,11 @@ async fn an_invalid_interval_is_reported_and_nothing_is_scheduled() {
 
 #[tokio::test]
 async fn an_api_error_is_retried_with_backoff() {
-    let (client, handle) = common::client();
+    let (client, handle) = common::mock_client();
     let ctx = Arc::new(
         Context::new(client, Arc::new(FakeAgents::default()), Arc::new(FakeStores::default())).with_clock(common::now),
     );
-    let failure = status_error(500, "InternalError", "etcd is down");
+    let failure = api_error(500, "InternalError", "etcd is down");
     let server = serve(handle, vec![Expect::get(PODS_PATH, StatusCode::INTERNAL_SERVER_ERROR, failure)]);
     let object = Arc::new(policy(json!({}), None));
     let err = reconcile(object.clone(), ctx.clone()).await.expect_err("the pods cannot be listed");
