@@ -9,7 +9,7 @@
 //! ([`webhook_server`]).
 //!
 //! The [`checkpoint_controller`] carries out `Checkpoint` resources through the node agents
-//! ([`agents`]).
+//! ([`agents`]); [`leader`] elects, over a Lease, the one replica that runs the controllers.
 //!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
 //! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks),
@@ -21,6 +21,7 @@ pub mod agents;
 pub mod backoff;
 pub mod checkpoint_controller;
 pub mod identity;
+pub mod leader;
 pub mod metrics;
 pub mod policies;
 pub mod selector;
