@@ -13,7 +13,8 @@
 //! periodic Checkpoints and applies its retention ([`retention`]) to the store and the nodes. The
 //! [`restore_controller`] makes each `Restore` a new pod, from its template, that the shim restores
 //! from the bundle or pod checkpoint it names. They report through [`status`] (conditions, status
-//! writes, Events) and retry with a [`backoff`].
+//! writes, Events) and retry with a [`backoff`]. [`leader`] elects, over a Lease, the one replica
+//! that runs the controllers.
 //!
 //! Modules: [`selector`] (label selectors), [`identity`] (which pod checkpoints a pod may resume
 //! from), [`admission`] (the AdmissionReview answer), [`store_index`] (the store listing it asks),
@@ -25,6 +26,7 @@ pub mod agents;
 pub mod backoff;
 pub mod checkpoint_controller;
 pub mod identity;
+pub mod leader;
 pub mod metrics;
 pub mod policies;
 pub mod policy_controller;
