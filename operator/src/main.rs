@@ -1,6 +1,7 @@
 //! `kybernate-operator`: serves the mutating admission webhook over HTTPS, with the cluster's
-//! CheckpointPolicies from the API server, and its metrics over plain HTTP; with
-//! `--checkpoint-controller`, also runs the Checkpoint controller (docs/operator.md).
+//! CheckpointPolicies from the API server, and its metrics over plain HTTP; with `--controllers`,
+//! also runs the Checkpoint, CheckpointPolicy and Restore controllers in the replica that holds the
+//! leader Lease (docs/operator.md).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,11 +11,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use kybernate_operator::agents::{AgentAddresses, AgentTls, GrpcAgents, DEFAULT_ADDRESS_TEMPLATE};
-use kybernate_operator::checkpoint_controller;
+use kybernate_operator::leader::{LeaderElector, LeaseConfig};
 use kybernate_operator::metrics::Metrics;
 use kybernate_operator::policies;
 use kybernate_operator::store_index::StoreIndex;
 use kybernate_operator::webhook_server::{self, Webhook, MAX_BODY};
+use kybernate_operator::{checkpoint_controller, policy_controller, restore_controller};
 use kybernate_sidecar::store::S3Options;
 use tokio::net::TcpListener;
 
@@ -22,8 +24,8 @@ use tokio::net::TcpListener;
 /// (`timeoutSeconds`), then admits the pod unchanged.
 const STORE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Kybernate's admission webhook (docs/kubernetes.md) and, with `--checkpoint-controller`, its
-/// Checkpoint controller (docs/operator.md).
+/// Kybernate's admission webhook (docs/kubernetes.md) and, with `--controllers`, its controllers
+/// (docs/operator.md).
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
@@ -51,9 +53,10 @@ struct Args {
     /// Path-style S3 addressing (default: on when an endpoint is set).
     #[arg(long, env = "KYBERNATE_S3_FORCE_PATH_STYLE")]
     s3_force_path_style: Option<bool>,
-    /// Also run the Checkpoint controller (no leader election: run one replica with it).
-    #[arg(long, env = "KYBERNATE_OPERATOR_CHECKPOINT_CONTROLLER")]
-    checkpoint_controller: bool,
+    /// Also run the Checkpoint, CheckpointPolicy and Restore controllers, in whichever replica holds
+    /// the leader Lease (`kybernate-operator` in the operator's namespace).
+    #[arg(long, alias = "checkpoint-controller", env = "KYBERNATE_OPERATOR_CONTROLLERS")]
+    controllers: bool,
     /// Where every node's agent listens (`host:port` or a URI); `{node}` is the node's name.
     #[arg(long, env = "KYBERNATE_AGENT_ADDRESS", default_value = DEFAULT_ADDRESS_TEMPLATE)]
     agent_address: String,
@@ -100,46 +103,98 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let client = kube::Client::try_default().await.context("connecting to the API server")?;
-    let controller = args.checkpoint_controller.then(|| {
-        let mut addresses = AgentAddresses::new(&args.agent_address);
-        for (node, address) in &args.agent_node_addresses {
-            addresses = addresses.with_node(node, address);
-        }
-        let mut agents = GrpcAgents::new(
-            addresses,
-            Duration::from_secs(args.agent_connect_timeout_secs),
-            Duration::from_secs(args.agent_timeout_secs),
-        );
-        if let (Some(ca), Some(cert), Some(key)) = (&args.agent_tls_ca, &args.agent_tls_cert, &args.agent_tls_key) {
-            agents = agents.with_tls(AgentTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() });
-        }
-        let ctx = Arc::new(checkpoint_controller::Context::new(client.clone(), Arc::new(agents)));
-        tracing::info!(agents = %args.agent_address, "running the Checkpoint controller");
-        tokio::spawn(checkpoint_controller::run(ctx, shutdown()))
-    });
+    let endpoint = args.s3_endpoint.clone();
+    let s3 = S3Options {
+        force_path_style: args.s3_force_path_style.unwrap_or(endpoint.is_some()),
+        endpoint,
+        region: args.s3_region.clone(),
+        ..S3Options::default()
+    };
+    let controllers =
+        if args.controllers { Some(tokio::spawn(lead(client.clone(), &args, s3.clone())?)) } else { None };
     let (policies, reflect) = policies::watch(client);
     tokio::spawn(reflect);
     tracing::info!("listing CheckpointPolicies");
     policies.ready().await?;
 
-    let endpoint = args.s3_endpoint;
-    let s3 = S3Options {
-        force_path_style: args.s3_force_path_style.unwrap_or(endpoint.is_some()),
-        endpoint,
-        region: args.s3_region,
-        attempt_timeout: STORE_ATTEMPT_TIMEOUT,
-        ..S3Options::default()
-    };
+    // The webhook answers within the API server's 5 s, so its store requests are bounded tighter.
+    let s3 = S3Options { attempt_timeout: STORE_ATTEMPT_TIMEOUT, ..s3 };
     let webhook =
         Webhook::new(Arc::new(policies), Arc::new(StoreIndex { s3 }), metrics).with_max_body(args.max_body_bytes);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
     tracing::info!(addr = %args.listen, "serving the admission webhook");
-    webhook_server::serve(listener, tls, Arc::new(webhook), shutdown()).await;
-    if let Some(controller) = controller {
-        controller.await.context("the Checkpoint controller")?;
+    let served = webhook_server::serve(listener, tls, Arc::new(webhook), shutdown());
+    if let Some(mut controllers) = controllers {
+        tokio::pin!(served);
+        tokio::select! {
+            () = &mut served => controllers.await.context("the controllers")??,
+            // Before a shutdown signal only a lost lease ends them: then stop serving too, and exit
+            // non-zero so that the pod restarts as a candidate.
+            done = &mut controllers => {
+                done.context("the controllers")??;
+                served.await;
+            }
+        }
+    } else {
+        served.await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The controllers, run while this replica holds the leader Lease (in the operator's namespace: in a
+/// pod, its service account's): waits for the Lease, runs the three controllers until shutdown, and
+/// releases it. Resolves with an error when the Lease is lost (the controllers are stopped first).
+fn lead(
+    client: kube::Client,
+    args: &Args,
+    s3: S3Options,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static> {
+    let mut addresses = AgentAddresses::new(&args.agent_address);
+    for (node, address) in &args.agent_node_addresses {
+        addresses = addresses.with_node(node, address);
+    }
+    let mut agents = GrpcAgents::new(
+        addresses,
+        Duration::from_secs(args.agent_connect_timeout_secs),
+        Duration::from_secs(args.agent_timeout_secs),
+    );
+    if let (Some(ca), Some(cert), Some(key)) = (&args.agent_tls_ca, &args.agent_tls_cert, &args.agent_tls_key) {
+        agents = agents.with_tls(AgentTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() });
+    }
+    let agents = Arc::new(agents);
+    let checkpoints = Arc::new(checkpoint_controller::Context::new(client.clone(), agents.clone()));
+    let stores = Arc::new(StoreIndex { s3 });
+    let policies = Arc::new(policy_controller::Context::new(client.clone(), agents, stores));
+    let restores = Arc::new(restore_controller::Context::new(client.clone()));
+    let elector =
+        LeaderElector::new(client.clone(), LeaseConfig::new(client.default_namespace())).context("leader election")?;
+    let agent_address = args.agent_address.clone();
+    Ok(async move {
+        tracing::info!(identity = elector.identity(), "waiting for the lease to run the controllers");
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown() => return Ok(()),
+        }
+        tracing::info!(agents = %agent_address, "leading: running the Checkpoint, CheckpointPolicy and Restore controllers");
+        let run = async {
+            tokio::join!(
+                checkpoint_controller::run(checkpoints, shutdown()),
+                policy_controller::run(policies, shutdown()),
+                restore_controller::run(restores, shutdown()),
+            )
+        };
+        tokio::select! {
+            // Dropping the controllers stops them before another replica can take the lease over.
+            lost = elector.hold() => Err(anyhow::Error::new(lost).context("leading the controllers")),
+            _ = run => {
+                if let Err(e) = elector.release().await {
+                    tracing::warn!(error = %e, "releasing the lease failed; the next leader waits for it to expire");
+                }
+                Ok(())
+            }
+        }
+    })
 }
 
 /// `NODE=ADDRESS` of `--agent-node-address`.
