@@ -6,7 +6,7 @@ use std::path::Path;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use kybernate_api::CheckpointPolicy;
+use kybernate_api::{CheckpointPolicy, Restore};
 
 mod common;
 use common::{numbers_as_floats, round_trip};
@@ -25,6 +25,7 @@ fn every_example_object_is_valid_for_its_kind() {
                 "Service" => round_trip::<Service>(&object),
                 "StatefulSet" => round_trip::<StatefulSet>(&object),
                 "CheckpointPolicy" => round_trip::<CheckpointPolicy>(&object),
+                "Restore" => round_trip::<Restore>(&object),
                 other => panic!("{} holds a {other} this test does not know: add its type", file.path().display()),
             };
             assert_eq!(
@@ -37,5 +38,5 @@ fn every_example_object_is_valid_for_its_kind() {
         }
     }
     seen.sort();
-    assert_eq!(seen, ["CheckpointPolicy", "Namespace", "Service", "StatefulSet"]);
+    assert_eq!(seen, ["CheckpointPolicy", "Namespace", "Restore", "Service", "StatefulSet"]);
 }
