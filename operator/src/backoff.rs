@@ -1,4 +1,5 @@
-//! How long a controller waits before it tries an object again after a retryable failure.
+//! How a controller retries an object after a retryable failure (its backoff), and the loop that drives
+//! a controller and logs each reconcile.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -39,4 +40,38 @@ impl Default for Backoff {
     fn default() -> Self {
         Backoff::new(Duration::from_secs(5), Duration::from_secs(300))
     }
+}
+
+impl Backoff {
+    /// The Action after a failed reconcile of the object `key` (`namespace/name`): try again after
+    /// its next wait. The failure is logged with the wait.
+    pub fn retry(&self, key: &str, error: &dyn std::fmt::Display) -> kube::runtime::controller::Action {
+        let delay = self.next(key);
+        tracing::warn!(object = %key, error = %error, ?delay, "retrying");
+        kube::runtime::controller::Action::requeue(delay)
+    }
+}
+
+/// The key of `object` in a backoff table: `namespace/name`.
+pub fn key<K: kube::ResourceExt + ?Sized>(object: &K) -> String {
+    format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any())
+}
+
+/// Drives a controller's stream of reconcile results until it ends, logging each: a success at
+/// debug level, a failure as a warning naming `kind`.
+pub async fn drive<S, T, E>(results: S, kind: &'static str)
+where
+    S: futures_util::Stream<Item = Result<T, E>>,
+    T: std::fmt::Debug,
+    E: std::fmt::Display,
+{
+    use futures_util::StreamExt as _;
+    results
+        .for_each(|result| async move {
+            match result {
+                Ok(reconciled) => tracing::debug!(?reconciled, "reconciled a {kind}"),
+                Err(e) => tracing::warn!(error = %e, "reconciling a {kind} failed"),
+            }
+        })
+        .await;
 }

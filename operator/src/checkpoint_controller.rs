@@ -18,7 +18,6 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::chrono::Utc;
@@ -32,6 +31,7 @@ use kybernate_proto::kybernate::agent::v1::{checkpoint_request, PodTarget};
 use serde_json::json;
 
 use crate::agents::{CheckpointRequest, NodeAgents};
+use crate::backoff::key;
 pub use crate::backoff::Backoff;
 use crate::status::{self, MANAGER};
 
@@ -131,23 +131,17 @@ impl Context {
 /// Runs the controller over every namespace's Checkpoints until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let checkpoints: Api<Checkpoint> = Api::all(ctx.client.clone());
-    Controller::new(checkpoints, watcher::Config::default())
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => tracing::debug!(checkpoint = %object, "reconciled"),
-                Err(e) => tracing::warn!(error = %e, "reconciling a Checkpoint failed"),
-            }
-        })
-        .await;
+    let results = Controller::new(checkpoints, watcher::Config::default()).graceful_shutdown_on(shutdown).run(
+        reconcile,
+        error_policy,
+        ctx,
+    );
+    crate::backoff::drive(results, "Checkpoint").await;
 }
 
 /// What the controller does after a failed reconcile: try again after the object's backoff.
 pub fn error_policy(checkpoint: Arc<Checkpoint>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff.next(&key(&checkpoint));
-    tracing::warn!(checkpoint = %key(&checkpoint), error = %error, ?delay, "retrying");
-    Action::requeue(delay)
+    ctx.backoff.retry(&key(checkpoint.as_ref()), error)
 }
 
 /// One step of a Checkpoint (see the module's documentation).
@@ -166,7 +160,7 @@ pub async fn reconcile(checkpoint: Arc<Checkpoint>, ctx: Arc<Context>) -> Result
                 {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
             ]);
             patch_finalizers(&api, &namespace, &name, ops).await?;
-            ctx.backoff.reset(&key(&checkpoint));
+            ctx.backoff.reset(&key(checkpoint.as_ref()));
         }
         return Ok(Action::await_change());
     }
@@ -194,11 +188,6 @@ pub async fn reconcile(checkpoint: Arc<Checkpoint>, ctx: Arc<Context>) -> Result
         Phase::Running => step.run().await,
         Phase::Succeeded | Phase::Failed => Ok(Action::await_change()),
     }
-}
-
-/// The key of a Checkpoint in the backoff table.
-fn key(checkpoint: &Checkpoint) -> String {
-    format!("{}/{}", checkpoint.namespace().unwrap_or_default(), checkpoint.name_any())
 }
 
 /// Applies the JSON patch `ops` to the finalizers of Checkpoint `namespace/name`.

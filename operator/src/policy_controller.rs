@@ -29,7 +29,6 @@ use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use k8s_openapi::chrono::{DateTime, Utc};
@@ -44,6 +43,7 @@ use serde_json::json;
 
 use crate::admission::RUNTIME_CLASS;
 use crate::agents::{AgentError, ListRequest, NodeAgents};
+use crate::backoff::key;
 pub use crate::backoff::Backoff;
 use crate::identity::{identity, PodIdentity};
 use crate::retention::{beyond, BundleStores};
@@ -133,7 +133,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let known = controller.store();
     // A pod matters when it appears, goes, or its labels change; not at every status update.
     let changes = PodChanges::default();
-    controller
+    let results = controller
         .watches(Api::<Pod>::all(ctx.client.clone()), watcher::Config::default(), move |pod: Pod| {
             if !changes.changed(&pod) {
                 return Vec::new();
@@ -147,26 +147,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => tracing::debug!(policy = %object, "reconciled"),
-                Err(e) => tracing::warn!(error = %e, "reconciling a CheckpointPolicy failed"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    crate::backoff::drive(results, "CheckpointPolicy").await;
 }
 
 /// What the controller does after a failed reconcile: try again after the policy's backoff.
 pub fn error_policy(policy: Arc<CheckpointPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff.next(&key(&policy));
-    tracing::warn!(policy = %key(&policy), error = %error, ?delay, "retrying");
-    Action::requeue(delay)
-}
-
-/// The key of a policy in the backoff table.
-fn key(policy: &CheckpointPolicy) -> String {
-    format!("{}/{}", policy.namespace().unwrap_or_default(), policy.name_any())
+    ctx.backoff.retry(&key(policy.as_ref()), error)
 }
 
 /// One reconcile of a policy (see the module's documentation).
@@ -179,7 +166,7 @@ pub async fn reconcile(policy: Arc<CheckpointPolicy>, ctx: Arc<Context>) -> Resu
     }
     let step = Step { policy: &policy, ctx: &ctx, namespace: &namespace, name: &name, now: (ctx.now)() };
     let action = step.reconcile().await?;
-    ctx.backoff.reset(&key(&policy));
+    ctx.backoff.reset(&key(policy.as_ref()));
     Ok(action)
 }
 

@@ -30,7 +30,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use k8s_openapi::chrono::Utc;
@@ -42,6 +41,7 @@ use kube::{Api, Client, Resource as _, ResourceExt as _};
 use kybernate_api::{Phase, Restore, RestoreStatus};
 
 use crate::admission::{RESTORE_FROM, RESTORE_POLICY, RUNTIME_CLASS};
+use crate::backoff::key;
 pub use crate::backoff::Backoff;
 use crate::status::{self, MANAGER};
 
@@ -157,24 +157,16 @@ impl Context {
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let restores: Api<Restore> = Api::all(ctx.client.clone());
     let pods: Api<Pod> = Api::all(ctx.client.clone());
-    Controller::new(restores, watcher::Config::default())
+    let results = Controller::new(restores, watcher::Config::default())
         .owns(pods, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => tracing::debug!(restore = %object, "reconciled"),
-                Err(e) => tracing::warn!(error = %e, "reconciling a Restore failed"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    crate::backoff::drive(results, "Restore").await;
 }
 
 /// What the controller does after a failed reconcile: try again after the object's backoff.
 pub fn error_policy(restore: Arc<Restore>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff.next(&key(&restore));
-    tracing::warn!(restore = %key(&restore), error = %error, ?delay, "retrying");
-    Action::requeue(delay)
+    ctx.backoff.retry(&key(restore.as_ref()), error)
 }
 
 /// One step of a Restore (see the module's documentation). A step that finishes starts the object's
@@ -189,7 +181,7 @@ pub async fn reconcile(restore: Arc<Restore>, ctx: Arc<Context>) -> Result<Actio
         Phase::Running => step.watch().await?,
         Phase::Succeeded | Phase::Failed => return Ok(Action::await_change()),
     };
-    ctx.backoff.reset(&key(&restore));
+    ctx.backoff.reset(&key(restore.as_ref()));
     Ok(action)
 }
 
@@ -265,11 +257,6 @@ fn pod_name(restore: &Restore) -> String {
         .and_then(|m| m.name.clone())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| restore.name_any())
-}
-
-/// The key of a Restore in the backoff table.
-fn key(restore: &Restore) -> String {
-    format!("{}/{}", restore.namespace().unwrap_or_default(), restore.name_any())
 }
 
 /// Whether `restore` is the controlling owner of `pod`.
