@@ -20,10 +20,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::chrono::Utc;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use kybernate_api::{BundleStatus, Checkpoint, CheckpointStatus, Phase};
@@ -33,7 +32,7 @@ use serde_json::json;
 use crate::agents::{CheckpointRequest, NodeAgents};
 use crate::backoff::key;
 pub use crate::backoff::Backoff;
-use crate::status::{self, MANAGER};
+use crate::status;
 
 /// The finalizer the controller puts on every Checkpoint.
 pub const FINALIZER: &str = "kybernate.io/checkpoint";
@@ -94,36 +93,34 @@ pub enum Error {
 
 /// What every reconcile shares.
 pub struct Context {
-    client: Client,
+    base: status::Base,
     agents: Arc<dyn NodeAgents>,
-    recorder: Recorder,
-    backoff: Backoff,
-    now: fn() -> Time,
+}
+
+impl std::ops::Deref for Context {
+    type Target = status::Base;
+
+    fn deref(&self) -> &status::Base {
+        &self.base
+    }
 }
 
 impl Context {
     /// A context talking to the API server through `client` and to the nodes through `agents`, its
     /// Events reported as `kybernate-operator` (instance: `$POD_NAME` when set).
     pub fn new(client: Client, agents: Arc<dyn NodeAgents>) -> Self {
-        let reporter = Reporter { controller: MANAGER.to_string(), instance: std::env::var("POD_NAME").ok() };
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            agents,
-            backoff: Backoff::default(),
-            now: || Time(Utc::now()),
-        }
+        Context { base: status::Base::new(client), agents }
     }
 
     /// The same with another clock (the timestamps of the status: tests fix them).
     pub fn with_clock(mut self, now: fn() -> Time) -> Self {
-        self.now = now;
+        self.base.now = now;
         self
     }
 
     /// The same with another backoff for retryable failures.
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        self.base.backoff = backoff;
         self
     }
 }

@@ -34,7 +34,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, 
 use k8s_openapi::chrono::{DateTime, Utc};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
@@ -96,32 +96,29 @@ pub enum Error {
 
 /// What every reconcile shares.
 pub struct Context {
-    client: Client,
+    base: status::Base,
     agents: Arc<dyn NodeAgents>,
     stores: Arc<dyn BundleStores>,
-    recorder: Recorder,
-    backoff: Backoff,
-    now: fn() -> Time,
+}
+
+impl std::ops::Deref for Context {
+    type Target = status::Base;
+
+    fn deref(&self) -> &status::Base {
+        &self.base
+    }
 }
 
 impl Context {
     /// A context talking to the API server through `client`, to the nodes through `agents` and to
     /// the stores through `stores`, its Events reported as `kybernate-operator`.
     pub fn new(client: Client, agents: Arc<dyn NodeAgents>, stores: Arc<dyn BundleStores>) -> Self {
-        let reporter = Reporter { controller: MANAGER.to_string(), instance: std::env::var("POD_NAME").ok() };
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            agents,
-            stores,
-            backoff: Backoff::default(),
-            now: || Time(Utc::now()),
-        }
+        Context { base: status::Base::new(client), agents, stores }
     }
 
     /// The same with another clock (tests fix it).
     pub fn with_clock(mut self, now: fn() -> Time) -> Self {
-        self.now = now;
+        self.base.now = now;
         self
     }
 }

@@ -32,10 +32,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
-use k8s_openapi::chrono::Utc;
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use kybernate_api::{Phase, Restore, RestoreStatus};
@@ -120,34 +119,33 @@ pub enum Error {
 
 /// What every reconcile shares.
 pub struct Context {
-    client: Client,
-    recorder: Recorder,
-    backoff: Backoff,
-    now: fn() -> Time,
+    base: status::Base,
+}
+
+impl std::ops::Deref for Context {
+    type Target = status::Base;
+
+    fn deref(&self) -> &status::Base {
+        &self.base
+    }
 }
 
 impl Context {
     /// A context talking to the API server through `client`, its Events reported as
     /// `kybernate-operator` (instance: `$POD_NAME` when set).
     pub fn new(client: Client) -> Self {
-        let reporter = Reporter { controller: MANAGER.to_string(), instance: std::env::var("POD_NAME").ok() };
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            backoff: Backoff::default(),
-            now: || Time(Utc::now()),
-        }
+        Context { base: status::Base::new(client) }
     }
 
     /// The same with another clock (the timestamps of the status: tests fix them).
     pub fn with_clock(mut self, now: fn() -> Time) -> Self {
-        self.now = now;
+        self.base.now = now;
         self
     }
 
     /// The same with another backoff for failed reconciles.
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        self.base.backoff = backoff;
         self
     }
 }

@@ -5,14 +5,44 @@ use std::fmt::Debug;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::chrono::Utc;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Resource};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::backoff::Backoff;
+
 /// The field manager of every status write, and the reporting controller of every Event.
 pub const MANAGER: &str = "kybernate-operator";
+
+/// What the reconciles of every controller share: the API server's client, the Event recorder
+/// (reporting controller [`MANAGER`], instance `$POD_NAME` when set), the backoff of failed
+/// reconciles, and the clock of the status timestamps.
+pub struct Base {
+    /// The API server.
+    pub client: Client,
+    /// Where Events go.
+    pub recorder: Recorder,
+    /// The waits before retrying objects.
+    pub backoff: Backoff,
+    /// Now (tests fix it).
+    pub now: fn() -> Time,
+}
+
+impl Base {
+    /// The shared part of a controller's context on `client`, with the default backoff and clock.
+    pub fn new(client: Client) -> Self {
+        let reporter = Reporter { controller: MANAGER.to_string(), instance: std::env::var("POD_NAME").ok() };
+        Base {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            backoff: Backoff::default(),
+            now: || Time(Utc::now()),
+        }
+    }
+}
 
 /// Condition `type_` of `generation`, keeping the transition time of the `previous` condition of the
 /// same type when its status did not change.
