@@ -52,7 +52,7 @@ pub mod trust;
 
 pub use container::{
     check_host, checkpoint_container_bundle, open_container_bundle, restore_container_bundle, BundleReport, ConfigDump,
-    ContainerCheckpoint, LazyFill, OpenOptions, RestorableBundle, RestoreTarget, Restored, TenantCheck,
+    ContainerCheckpoint, LazyFill, OpenOptions, PageFeed, RestorableBundle, RestoreTarget, Restored, TenantCheck,
 };
 pub use criu::{Criu, CriuInfo, CriuVersion, Feature};
 pub use error::{Error, GpuStep, Result, ToolFailure};

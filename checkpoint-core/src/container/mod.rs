@@ -19,6 +19,6 @@ mod restore;
 pub use checkpoint::{checkpoint_container_bundle, BundleReport, ConfigDump, ContainerCheckpoint};
 pub use mounts::{MappedMount, DEVSHM_TAR, PLACEHOLDER_DIR};
 pub use restore::{
-    check_host, open_container_bundle, restore_container_bundle, LazyFill, OpenOptions, RestorableBundle,
+    check_host, open_container_bundle, restore_container_bundle, LazyFill, OpenOptions, PageFeed, RestorableBundle,
     RestoreTarget, Restored, TenantCheck, CRIU_CONFIG_ANNOTATION, FOREIGN_CRIU_CONFIG,
 };

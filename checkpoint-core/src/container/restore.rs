@@ -2,13 +2,14 @@
 //! is created ([`open_container_bundle`]), re-apply its writable layer onto the new rootfs, then
 //! `runc restore` and the GPU state ([`restore_container_bundle`]).
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::mounts::MappedMount;
 use crate::bundle::{self, BundleLayout, DeferredHashes, Manifest, MANIFEST_FILE};
-use crate::criu::lazy_pages::LazyPageServer;
+use crate::criu::lazy_pages::{LazyPageServer, PageSupply};
 use crate::criu::{Criu, Feature};
 use crate::error::{Error, GpuStep, Result};
 use crate::gpu::{gpu_error, GpuContext, GpuMatch, GpuRestorePlan};
@@ -81,9 +82,43 @@ pub struct RestorableBundle {
     /// their size only, are checked while the page server reads them (a mismatch kills the
     /// container); everything else was verified before anything reached CRIU.
     pub lazy: Option<DeferredHashes>,
+    /// Where a lazy restore's pages come from when the page images are still arriving
+    /// ([`RestorableBundle::feed_pages`]); the images themselves otherwise.
+    feed: Mutex<Option<PageFeed>>,
+}
+
+/// The pages of a bundle that are still arriving, for a remote lazy restore: a page server on the
+/// other end of `socket` (see [`crate::criu::page_server`]) serves the lazy-pages daemon while it
+/// writes the rest of the page images, and `finished` waits until it has written them all.
+pub struct PageFeed {
+    /// Connected to the page server.
+    pub socket: OwnedFd,
+    /// Waits until every page image is complete on disk; the page server's error otherwise.
+    pub finished: Box<dyn FnOnce() -> Result<()> + Send>,
+}
+
+impl std::fmt::Debug for PageFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageFeed").field("socket", &self.socket).finish_non_exhaustive()
+    }
 }
 
 impl RestorableBundle {
+    /// Has the lazy restore of this bundle take its pages from `feed` instead of the page images,
+    /// which are still being written; their deferred hashes are checked once `feed` says they are
+    /// complete. Only for a bundle opened for a lazy restore: one restored fully needs its images
+    /// complete and verified before it is opened.
+    pub fn feed_pages(&self, feed: PageFeed) -> Result<()> {
+        if self.lazy.is_none() {
+            return Err(Error::InvalidOptions(format!(
+                "bundle {} is restored fully, so its page images must be complete before it is opened, not fed while it runs",
+                self.dir.display()
+            )));
+        }
+        *self.feed.lock().unwrap_or_else(|p| p.into_inner()) = Some(feed);
+        Ok(())
+    }
+
     /// The CRIU images.
     pub fn image_dir(&self) -> PathBuf {
         self.layout.image_dir(&self.dir)
@@ -245,7 +280,17 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
     if let Some(pages) = deferred {
         pages.verify()?;
     }
-    Ok(RestorableBundle { dir: dir.to_path_buf(), layout, manifest, flags, gpu, partial, provenance, lazy })
+    Ok(RestorableBundle {
+        dir: dir.to_path_buf(),
+        layout,
+        manifest,
+        flags,
+        gpu,
+        partial,
+        provenance,
+        lazy,
+        feed: Mutex::new(None),
+    })
 }
 
 /// Whether a lazy restore of `dir` is possible on this node: CRIU finds non-cooperative
@@ -365,21 +410,32 @@ impl LazyFill {
     }
 }
 
-/// Watches the fill of a lazy restore of container `id` (see [`LazyFill`]).
-fn supervise_fill(runc: &Runc, id: &str, server: LazyPageServer, pages: DeferredHashes) -> Result<LazyFill> {
+/// Watches the fill of a lazy restore of container `id` (see [`LazyFill`]). With a page feed, the
+/// page images are hashed once the feed has written them all; else while the daemon reads them.
+fn supervise_fill(
+    runc: &Runc,
+    id: &str,
+    server: LazyPageServer,
+    pages: DeferredHashes,
+    feed: Option<Box<dyn FnOnce() -> Result<()> + Send>>,
+) -> Result<LazyFill> {
     let daemon = server.pid();
     let (runc, id) = (runc.clone(), id.to_string());
     let done = std::thread::Builder::new()
         .name("lazy-fill".into())
         .spawn(move || {
             let (started, page_bytes) = (std::time::Instant::now(), pages.bytes());
-            // The server copies pages in on its own; the page images are hashed meanwhile.
-            let verified = pages.verify();
-            if verified.is_err() {
-                server.kill();
-            }
-            let filled = server.wait();
-            let result = verified.and(filled);
+            let result = match feed {
+                None => {
+                    // The daemon copies pages in on its own; the page images are hashed meanwhile.
+                    let verified = pages.verify();
+                    if verified.is_err() {
+                        server.kill();
+                    }
+                    verified.and(server.wait())
+                }
+                Some(finished) => server.wait().and_then(|()| finished()).and_then(|()| pages.verify()),
+            };
             match &result {
                 Ok(()) => tracing::info!(%id, fill_ms = started.elapsed().as_millis() as u64, page_bytes, "lazy restore: every page is in and verified"),
                 Err(e) => {
@@ -426,12 +482,17 @@ pub fn restore_container_bundle(
         no_pivot: target.no_pivot,
         lazy_pages: bundle.lazy.is_some(),
     };
-    let server = match bundle.lazy {
-        Some(_) => {
+    let feed = bundle.feed.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (server, finished) = match (&bundle.lazy, feed) {
+        (Some(_), feed) => {
             let work_dir = target.work_dir.clone().unwrap_or_else(|| req.image_dir.clone());
-            Some(LazyPageServer::start(criu, &req.image_dir, &work_dir)?)
+            let (supply, finished) = match feed {
+                Some(PageFeed { socket, finished }) => (PageSupply::Server(socket), Some(finished)),
+                None => (PageSupply::Images, None),
+            };
+            (Some(LazyPageServer::start(criu, &req.image_dir, &work_dir, supply)?), finished)
         }
-        None => None,
+        (None, _) => (None, None),
     };
     let report = match restore_container(runc, criu, &req, stdio) {
         Ok(report) => report,
@@ -444,7 +505,7 @@ pub fn restore_container_bundle(
         }
     };
     let fill = match (server, &bundle.lazy) {
-        (Some(server), Some(pages)) => Some(supervise_fill(runc, &req.id, server, pages.clone())?),
+        (Some(server), Some(pages)) => Some(supervise_fill(runc, &req.id, server, pages.clone(), finished)?),
         _ => None,
     };
     if let Some(gpu) = &bundle.gpu {

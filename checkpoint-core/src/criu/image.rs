@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Magic that prefixes most images.
-const COMMON_MAGIC: u32 = 0x5456_4319;
+pub(crate) const COMMON_MAGIC: u32 = 0x5456_4319;
 /// Magic that prefixes service images (stats, irmap cache).
 pub(crate) const SERVICE_MAGIC: u32 = 0x5510_5940;
 /// Magic of `pstree.img`.

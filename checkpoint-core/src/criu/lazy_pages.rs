@@ -3,10 +3,14 @@
 //! in through userfaultfd when it is first touched, and the daemon copies the rest in the background
 //! and exits once every page is in.
 //!
+//! The daemon reads the pages from the image directory's pages images, or — for a remote lazy
+//! restore — asks a page server for them over a connected socket it is handed ([`PageSupply`]).
+//!
 //! A daemon that dies early leaves memory that would read back as zeros, so whoever restores must
 //! kill the workload then (see [`LazyPageServer::wait`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -27,6 +31,19 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the start is checked for.
 const READY_POLL: Duration = Duration::from_millis(5);
 
+/// The descriptor number a page server's socket has in the daemon.
+const PS_SOCKET_FD: i32 = 3;
+
+/// Where the daemon takes the pages from.
+#[derive(Debug)]
+pub enum PageSupply {
+    /// The pages images in the image directory, which are complete.
+    Images,
+    /// A page server on the other end of this connected socket (see [`super::page_server`]); the
+    /// image directory needs the page maps only.
+    Server(OwnedFd),
+}
+
 /// A running `criu lazy-pages` daemon serving one restore's image directory.
 ///
 /// It is spawned and waited for by a thread of its own, which holds a span of the CRIU handle's
@@ -41,9 +58,9 @@ pub struct LazyPageServer {
 }
 
 impl LazyPageServer {
-    /// Starts the daemon on `image_dir` with `work_dir` as its work directory, and returns once it
-    /// listens on [`LAZY_PAGES_SOCKET`] there.
-    pub fn start(criu: &Criu, image_dir: &Path, work_dir: &Path) -> Result<LazyPageServer> {
+    /// Starts the daemon on `image_dir` with `work_dir` as its work directory, taking the pages from
+    /// `supply`, and returns once it listens on [`LAZY_PAGES_SOCKET`] there.
+    pub fn start(criu: &Criu, image_dir: &Path, work_dir: &Path, supply: PageSupply) -> Result<LazyPageServer> {
         fsutil::ensure_dir(work_dir)?;
         let socket = work_dir.join(LAZY_PAGES_SOCKET);
         let _ = std::fs::remove_file(&socket);
@@ -58,6 +75,27 @@ impl LazyPageServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let PageSupply::Server(socket) = supply {
+            cmd.args(["--page-server", "--ps-socket", &PS_SOCKET_FD.to_string()]);
+            let fd = socket.as_raw_fd();
+            // SAFETY: dup2 is async-signal-safe; the duplicate (without close-on-exec) is the only
+            // descriptor the daemon inherits from it, and `socket` outlives the spawn (it moves
+            // into the closure, dropped with the command).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let _keep = &socket;
+                    let done = if fd == PS_SOCKET_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, PS_SOCKET_FD)
+                    };
+                    if done < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let (started, spawned) = mpsc::channel();
         let spawner = criu.spawner().clone();
         let binary = criu.binary().to_path_buf();
@@ -142,6 +180,9 @@ fn supervise(
             return Ok(());
         }
     };
+    // The command holds this side's copy of a page server's socket: close it, so the server sees the
+    // connection end when the daemon does.
+    drop(cmd);
     let _ = started.send(Ok(child.id()));
     let status = child.wait().map_err(|e| Error::io("waiting for criu lazy-pages", e))?;
     if status.success() {

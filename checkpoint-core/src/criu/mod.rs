@@ -2,6 +2,8 @@
 
 pub mod image;
 pub mod lazy_pages;
+pub mod page_server;
+pub mod pagemap;
 pub mod stats;
 
 use std::fmt;
