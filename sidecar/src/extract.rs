@@ -9,7 +9,7 @@
 //! bits are dropped. On any error the temp directory is removed and nothing is published.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -63,6 +63,11 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// The staging directory the archive is unpacked in.
+    pub fn path(&self) -> &Path {
+        &self.temp
+    }
+
     /// What was unpacked.
     pub fn stats(&self) -> UnpackStats {
         self.stats
@@ -132,22 +137,7 @@ pub fn stage<R: Read>(
     limits: &ExtractLimits,
     name: &str,
 ) -> Result<Staged> {
-    if fs::symlink_metadata(dest).is_ok() {
-        return Err(Error::DestinationExists { path: dest.to_path_buf() });
-    }
-    let parent = dest.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
-    let temp = temp_sibling(dest, "partial");
-    DirBuilder::new().mode(0o700).create(&temp).map_err(|e| Error::io("create staging directory", &temp, e))?;
-    let mut staged = Staged { temp, dest: dest.to_path_buf(), stats: UnpackStats::default(), published: false };
-    let mut ctx = Unpacker {
-        root: staged.temp.clone(),
-        dest: staged.dest.clone(),
-        limits: *limits,
-        name,
-        stats: UnpackStats::default(),
-        symlinks: Vec::new(),
-    };
+    let (mut staged, mut ctx) = begin(dest, limits, name)?;
     let max_stream = limits.max_stream_bytes();
     match compression {
         Compression::None => {
@@ -165,6 +155,59 @@ pub fn stage<R: Read>(
     ctx.check_symlinks()?;
     staged.stats = ctx.stats;
     Ok(staged)
+}
+
+/// A regular file [`stage_deferring`] created at its full size without reading its contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deferred {
+    /// Its path in the bundle.
+    pub rel: PathBuf,
+    /// Where its contents start in the tar stream.
+    pub offset: u64,
+    /// Its size.
+    pub size: u64,
+}
+
+/// Like [`stage`] for a plain tar that can be read at any offset (a ranged reader over a store):
+/// the regular files `defer` picks are created at their size, sparse, and their contents skipped,
+/// for the caller to fill in; everything else is checked and unpacked as [`stage`] does.
+pub fn stage_deferring<R: Read + Seek>(
+    raw: R,
+    dest: &Path,
+    limits: &ExtractLimits,
+    name: &str,
+    defer: &dyn Fn(&Path) -> bool,
+) -> Result<(Staged, Vec<Deferred>)> {
+    let (mut staged, mut ctx) = begin(dest, limits, name)?;
+    let mut limited = Limited::new(raw, limits.max_stream_bytes());
+    let max_stream = limited.limit;
+    let mut archive = tar::Archive::new(&mut limited);
+    let entries = archive.entries_with_seek().map_err(|e| ctx.stream_err(e, max_stream))?;
+    let deferred = ctx.unpack_entries(entries, max_stream, Some(defer))?;
+    ctx.check_symlinks()?;
+    staged.stats = ctx.stats;
+    Ok((staged, deferred))
+}
+
+/// Makes the staging directory beside `dest` and the unpacker that fills it.
+fn begin<'a>(dest: &Path, limits: &ExtractLimits, name: &'a str) -> Result<(Staged, Unpacker<'a>)> {
+    if fs::symlink_metadata(dest).is_ok() {
+        return Err(Error::DestinationExists { path: dest.to_path_buf() });
+    }
+    let parent = dest.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+    let temp = temp_sibling(dest, "partial");
+    DirBuilder::new().mode(0o700).create(&temp).map_err(|e| Error::io("create staging directory", &temp, e))?;
+    let staged = Staged { temp, dest: dest.to_path_buf(), stats: UnpackStats::default(), published: false };
+    let ctx = Unpacker {
+        root: staged.temp.clone(),
+        dest: staged.dest.clone(),
+        limits: *limits,
+        name,
+        stats: UnpackStats::default(),
+        symlinks: Vec::new(),
+    };
+    Ok((staged, ctx))
 }
 
 struct Unpacker<'a> {
@@ -201,6 +244,17 @@ impl Unpacker<'_> {
         let max_stream = reader.limit;
         let mut archive = tar::Archive::new(reader);
         let entries = archive.entries().map_err(|e| self.stream_err(e, max_stream))?;
+        self.unpack_entries(entries, max_stream, None).map(drop)
+    }
+
+    /// Unpacks `entries`; the regular files `defer` picks are only created at their size.
+    fn unpack_entries<R: Read>(
+        &mut self,
+        entries: tar::Entries<'_, R>,
+        max_stream: u64,
+        defer: Option<&dyn Fn(&Path) -> bool>,
+    ) -> Result<Vec<Deferred>> {
+        let mut deferred = Vec::new();
         for entry in entries {
             let mut entry = entry.map_err(|e| self.stream_err(e, max_stream))?;
             let raw_path = entry.path_bytes().into_owned();
@@ -244,6 +298,14 @@ impl Unpacker<'_> {
                         .mode(0o600)
                         .open(&path)
                         .map_err(|e| Error::io("create", &path, e))?;
+                    if kind == tar::EntryType::Regular && defer.is_some_and(|defer| defer(&rel)) {
+                        file.set_len(size).map_err(|e| Error::io("size", &path, e))?;
+                        file.set_permissions(fs::Permissions::from_mode(mode))
+                            .map_err(|e| Error::io("set permissions of", &path, e))?;
+                        self.stats.bytes += size;
+                        deferred.push(Deferred { rel, offset: entry.raw_file_position(), size });
+                        continue;
+                    }
                     let copied = io::copy(&mut (&mut entry).take(size), &mut file)
                         .map_err(|e| self.stream_err(e, max_stream))?;
                     if copied != size {
@@ -304,7 +366,7 @@ impl Unpacker<'_> {
                 other => return Err(self.unsafe_entry(&shown, format!("unsupported entry type {other:?}"))),
             }
         }
-        Ok(())
+        Ok(deferred)
     }
 
     fn prepare_nonempty(&self, rel: &Path, shown: &str) -> Result<PathBuf> {
@@ -458,6 +520,18 @@ struct Limited<R> {
 impl<R> Limited<R> {
     fn new(inner: R, limit: u64) -> Self {
         Limited { inner, limit, read: 0 }
+    }
+}
+
+impl<R: Seek> Seek for Limited<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let at = self.inner.seek(pos)?;
+        // What is skipped counts as read: the limit bounds how far into the stream an entry may lie.
+        self.read = self.read.max(at);
+        if self.read > self.limit {
+            return Err(io::Error::other(StreamLimit));
+        }
+        Ok(at)
     }
 }
 

@@ -317,7 +317,8 @@ async fn download(
     }
 }
 
-async fn read_range(
+/// Reads bytes `range` of `key`, with retries.
+pub(crate) async fn read_range(
     store: Arc<dyn Store>,
     key: String,
     range: std::ops::Range<u64>,

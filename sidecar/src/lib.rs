@@ -24,6 +24,7 @@ pub mod fetch;
 mod fsutil;
 pub mod gc;
 mod key_id;
+pub mod lazy;
 pub mod metrics;
 pub mod retry;
 pub mod ship;

@@ -64,6 +64,15 @@ enum Command {
         /// before the restore, so the bundle is hashed once, before anything reaches CRIU.
         #[arg(long)]
         skip_manifest_check: bool,
+        /// For a remote lazy restore: serve the bundle's pages to CRIU's lazy-pages daemon on the
+        /// connected socket inherited as this descriptor, print DEST as soon as the bundle can be
+        /// restored (before its memory is downloaded), and exit once every page is on disk and the
+        /// daemon has every page (the shim runs this; docs/sidecar.md).
+        #[arg(long, value_name = "FD", requires = "criu_version")]
+        serve_pages: Option<i32>,
+        /// The version of the CRIU that asks for pages (its request layout differs across versions).
+        #[arg(long, value_name = "X.Y.Z")]
+        criu_version: Option<String>,
     },
     /// List the archives in the store.
     Ls {
@@ -219,7 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::resolve(FileConfig::load(&path, required)?, &overrides)?;
     match cli.command {
         Command::Push { bundle, key, force } => push(&settings, &bundle, key, force).await,
-        Command::Pull { reference, container, dest, skip_manifest_check } => {
+        Command::Pull { reference, container, dest, skip_manifest_check, serve_pages, criu_version } => {
             let (store, info) = match &container {
                 None => open_reference(&parse_cli_reference(&reference)?, &settings.s3).await?,
                 Some(name) => {
@@ -237,12 +246,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 skip_manifest_check,
                 keys: settings.keys.clone(),
             };
-            let result = fetch_object(store, &info, &dest, &opts).await;
+            let result = match serve_pages {
+                None => fetch_object(store, &info, &dest, &opts).await,
+                Some(fd) => {
+                    let serve = serve_pages_on(fd, criu_version.as_deref().unwrap_or_default())?;
+                    let ready = |dir: &std::path::Path| {
+                        println!("{}", dir.display());
+                        let _ = std::io::Write::flush(&mut std::io::stdout());
+                    };
+                    kybernate_sidecar::lazy::fetch_serving_pages(store, &info, &dest, &opts, serve, ready).await
+                }
+            };
             if let Some((bar, _)) = bar {
                 bar.finish_and_clear();
             }
             let dir = result?;
-            println!("{}", dir.display());
+            if serve_pages.is_none() {
+                println!("{}", dir.display());
+            }
             Ok(())
         }
         Command::Ls { prefix } => {
@@ -369,4 +390,19 @@ async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutting down");
+}
+
+/// The page server of a remote lazy restore: the socket inherited as `fd`, and the request layout of
+/// CRIU `version`.
+fn serve_pages_on(fd: i32, version: &str) -> anyhow::Result<kybernate_sidecar::lazy::ServePages> {
+    use std::os::fd::FromRawFd;
+    let version = checkpoint_core::CriuVersion::parse(&format!("Version: {version}"))
+        .ok_or_else(|| anyhow::anyhow!("--criu-version {version:?} is not a version such as 4.1.1"))?;
+    // SAFETY: the caller hands this process the descriptor for this use only (`--serve-pages`).
+    let socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    socket.peer_addr().map_err(|e| anyhow::anyhow!("--serve-pages {fd} is not a connected Unix socket: {e}"))?;
+    Ok(kybernate_sidecar::lazy::ServePages {
+        socket,
+        framing: checkpoint_core::criu::page_server::Framing::of(version),
+    })
 }

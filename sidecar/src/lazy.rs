@@ -1,0 +1,446 @@
+//! Remote lazy restore, the sidecar's side (`kybernate-sidecar pull --serve-pages FD`): the bundle
+//! is published before its memory is downloaded, and its pages are served to CRIU's lazy-pages
+//! daemon from the store while the rest of them is fetched in the background.
+//!
+//! For an archive stored as a plain tar (no compression, no encryption) every byte can be read at
+//! its offset, so:
+//! 1. the tar is walked with ranged reads; every file but the page images (`pages-*.img`) is checked
+//!    and unpacked as a full pull does, and the page images are created at their size, empty;
+//! 2. the ranges of the page images a lazy restore reads itself (all but the lazy runs of the
+//!    processes' page maps, [`checkpoint_core::criu::pagemap::eager_ranges`]; everything for a bundle
+//!    with GPU state, which is restored fully) are fetched;
+//! 3. the bundle is published and `ready` is said; the shim opens it and restores with the daemon
+//!    connected to the socket, and every page the daemon asks for is fetched first, the rest in
+//!    order behind it, into the page images on disk;
+//! 4. once every page is on disk and synced and the daemon has closed its session, the pull ends
+//!    with 0. If a read fails the socket is closed, which fails the daemon, and the shim kills the
+//!    container: it never runs on a page that did not come.
+//!
+//! Any other archive (zstd, encrypted) is pulled whole first and then served from disk: the restore
+//! is still lazy, but starts only once the download is done (logged).
+//!
+//! The page images' hashes are not checked here: the shim checks them against the signed manifest
+//! once the pull has ended, as it does for a local lazy restore.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+use checkpoint_core::criu::page_server::{self, Framing, PageSource, Served};
+use checkpoint_core::criu::pagemap::{eager_ranges, PageMap};
+use tokio::runtime::Handle;
+
+use crate::archive::Compression;
+use crate::error::{join_error, Error, Result};
+use crate::extract::{self, Deferred};
+use crate::fetch::{fetch_object, read_range, FetchOptions};
+use crate::retry::RetryPolicy;
+use crate::store::{ObjectInfo, Store};
+
+/// Bytes fetched at once while page images are filled (and the unit a page request waits for).
+pub const BLOCK_SIZE: u64 = 4 << 20;
+/// Bytes read at once while the tar's other files are walked.
+const WALK_WINDOW: u64 = 1 << 20;
+/// Blocks fetched at once by the background fill.
+const FILL_CONCURRENCY: usize = 4;
+
+/// How the pages are served.
+pub struct ServePages {
+    /// Connected to the lazy-pages daemon (the shim hands the other end to `criu lazy-pages`).
+    pub socket: UnixStream,
+    /// The daemon's CRIU's framing of requests.
+    pub framing: Framing,
+}
+
+/// Fetches `info` into `dest` for a lazy restore and serves its pages on `serve.socket` (see the
+/// module docs); `ready` is called with the bundle directory once it is published. Returns once
+/// every page is on disk and the daemon has closed its session.
+pub async fn fetch_serving_pages(
+    store: Arc<dyn Store>,
+    info: &ObjectInfo,
+    dest: &Path,
+    opts: &FetchOptions,
+    serve: ServePages,
+    ready: impl FnOnce(&Path),
+) -> Result<PathBuf> {
+    let ranged = info.meta.compression == Compression::None && info.meta.encryption.is_none();
+    if !ranged {
+        tracing::warn!(key = %info.key, "the archive is compressed or encrypted, so its pages cannot be read where they lie: pulling it whole before the lazy restore starts (store it as a plain tar for a remote lazy restore)");
+        let dir = fetch_object(store, info, dest, opts).await?;
+        let images = Images::local(&dir)?;
+        ready(&dir);
+        let served = tokio::task::spawn_blocking(move || images.serve(serve))
+            .await
+            .map_err(|e| join_error("serve pages", e))??;
+        tracing::info!(
+            requests = served.requests,
+            bytes = served.bytes,
+            "served every page the lazy restore asked for"
+        );
+        return Ok(dir);
+    }
+    let reader = Ranged::new(Handle::current(), store.clone(), info, opts.s3.retry);
+    let (limits, key, dest_owned) = (opts.limits, info.key.clone(), dest.to_path_buf());
+    let (staged, deferred) = tokio::task::spawn_blocking(move || {
+        extract::stage_deferring(reader, &dest_owned, &limits, &key, &|rel: &Path| is_pages_image(rel))
+    })
+    .await
+    .map_err(|e| join_error("walk the archive", e))??;
+    let images = Images::deferred(staged.path(), &deferred, Handle::current(), store, info, opts.s3.retry)?;
+    let images = Arc::new(images);
+    let eager = images.eager_ranges(staged.path())?;
+    let eager_bytes: u64 = eager.iter().map(|(_, r)| r.end - r.start).sum();
+    let fetching = Arc::clone(&images);
+    tokio::task::spawn_blocking(move || eager.into_iter().try_for_each(|(file, range)| fetching.ensure(file, range)))
+        .await
+        .map_err(|e| join_error("fetch the eager pages", e))??;
+    let dir = staged.publish_without_manifest_check(&info.key)?;
+    tracing::info!(bundle = %dir.display(), eager_bytes, lazy_bytes = images.total() - eager_bytes, "bundle published; serving its pages while they are fetched");
+    ready(&dir);
+    let filler = {
+        let images = Arc::clone(&images);
+        tokio::task::spawn_blocking(move || images.fill())
+    };
+    let server = {
+        let images = Arc::clone(&images);
+        tokio::task::spawn_blocking(move || images.serve(serve))
+    };
+    let filled = filler.await.map_err(|e| join_error("fill the page images", e))?;
+    if filled.is_err() {
+        // The daemon must not wait on pages that will not come: end its session.
+        images.close();
+    }
+    filled?;
+    let served = server.await.map_err(|e| join_error("serve pages", e))??;
+    tracing::info!(
+        requests = served.requests,
+        bytes = served.bytes,
+        "every page is on disk and the lazy restore has every page it asked for"
+    );
+    Ok(dir)
+}
+
+/// Whether `rel` names a CRIU page image.
+fn is_pages_image(rel: &Path) -> bool {
+    rel.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"))
+}
+
+/// A blocking, seekable reader of an object, by ranged reads of [`WALK_WINDOW`].
+struct Ranged {
+    rt: Handle,
+    store: Arc<dyn Store>,
+    key: String,
+    size: u64,
+    retry: RetryPolicy,
+    pos: u64,
+    window: Bytes,
+    window_at: u64,
+}
+
+impl Ranged {
+    fn new(rt: Handle, store: Arc<dyn Store>, info: &ObjectInfo, retry: RetryPolicy) -> Ranged {
+        Ranged {
+            rt,
+            store,
+            key: info.key.clone(),
+            size: info.meta.size,
+            retry,
+            pos: 0,
+            window: Bytes::new(),
+            window_at: 0,
+        }
+    }
+}
+
+impl Read for Ranged {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.size {
+            return Ok(0);
+        }
+        let in_window = self.pos >= self.window_at && self.pos < self.window_at + self.window.len() as u64;
+        if !in_window {
+            let range = self.pos..(self.pos + WALK_WINDOW).min(self.size);
+            let read = read_range(self.store.clone(), self.key.clone(), range, self.retry);
+            self.window = self.rt.block_on(read).map_err(io::Error::other)?;
+            self.window_at = self.pos;
+        }
+        let from = (self.pos - self.window_at) as usize;
+        let n = buf.len().min(self.window.len() - from);
+        buf[..n].copy_from_slice(&self.window[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Ranged {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let to = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+        };
+        self.pos = to.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
+    }
+}
+
+/// Where a block stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Missing,
+    Fetching,
+    Present,
+}
+
+/// One page image on disk, and where its contents lie in the archive.
+struct Image {
+    file: File,
+    size: u64,
+    archive_offset: u64,
+    blocks: Vec<Block>,
+}
+
+/// Fetches a block's bytes at an offset of the archive.
+type Fetch = Box<dyn Fn(Range<u64>) -> Result<Bytes> + Send + Sync>;
+
+/// The page images of one bundle: complete on disk, or filled from the store block by block.
+struct Images {
+    images: Mutex<BTreeMap<String, Image>>,
+    changed: Condvar,
+    fetch: Option<Fetch>,
+    maps: Vec<PageMap>,
+    socket: Mutex<Option<UnixStream>>,
+}
+
+impl Images {
+    /// The complete page images of the bundle `dir`.
+    fn local(dir: &Path) -> Result<Images> {
+        let image_dir = image_dir_of(dir);
+        let mut images = BTreeMap::new();
+        for name in page_image_names(&image_dir)? {
+            let path = image_dir.join(&name);
+            let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+            let size = file.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+            images.insert(name, Image { file, size, archive_offset: 0, blocks: vec![Block::Present; blocks_in(size)] });
+        }
+        Images::new(images, None, &image_dir)
+    }
+
+    /// The page images `deferred` (created empty at their size under `staging`), to be filled from
+    /// `info` in `store`.
+    fn deferred(
+        staging: &Path,
+        deferred: &[Deferred],
+        rt: Handle,
+        store: Arc<dyn Store>,
+        info: &ObjectInfo,
+        retry: RetryPolicy,
+    ) -> Result<Images> {
+        let mut images = BTreeMap::new();
+        let mut image_dir = None;
+        for d in deferred {
+            let path = staging.join(&d.rel);
+            let file = File::options().read(true).write(true).open(&path).map_err(|e| Error::io("open", &path, e))?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            image_dir.get_or_insert_with(|| path.parent().unwrap_or(staging).to_path_buf());
+            images.insert(
+                name,
+                Image { file, size: d.size, archive_offset: d.offset, blocks: vec![Block::Missing; blocks_in(d.size)] },
+            );
+        }
+        let key = info.key.clone();
+        let fetch: Fetch = Box::new(move |range| rt.block_on(read_range(store.clone(), key.clone(), range, retry)));
+        Images::new(images, Some(fetch), &image_dir.unwrap_or_else(|| image_dir_of(staging)))
+    }
+
+    fn new(images: BTreeMap<String, Image>, fetch: Option<Fetch>, image_dir: &Path) -> Result<Images> {
+        let maps = PageMap::read_dir(image_dir)
+            .map_err(|e| Error::io("read the page maps in", image_dir, io::Error::other(e)))?;
+        Ok(Images { images: Mutex::new(images), changed: Condvar::new(), fetch, maps, socket: Mutex::new(None) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Image>> {
+        self.images.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of all page images.
+    fn total(&self) -> u64 {
+        self.lock().values().map(|i| i.size).sum()
+    }
+
+    /// The byte ranges a lazy restore reads itself (everything, for a bundle with GPU state).
+    fn eager_ranges(&self, bundle: &Path) -> Result<Vec<(String, Range<u64>)>> {
+        let sizes: BTreeMap<String, u64> = self.lock().iter().map(|(n, i)| (n.clone(), i.size)).collect();
+        let whole = has_gpu_state(bundle);
+        let ranges = if whole {
+            tracing::info!("the bundle holds GPU state, which is restored fully: fetching every page first");
+            sizes.iter().map(|(n, &s)| (n.clone(), std::iter::once(0..s).collect())).collect()
+        } else {
+            eager_ranges(&self.maps, &sizes)
+        };
+        Ok(ranges.into_iter().flat_map(|(n, rs)| rs.into_iter().map(move |r| (n.clone(), r))).collect())
+    }
+
+    /// Makes sure bytes `range` of image `name` are on disk, fetching the blocks that are not (or
+    /// waiting for those another thread fetches).
+    fn ensure(&self, name: String, range: Range<u64>) -> Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let first = (range.start / BLOCK_SIZE) as usize;
+        let last = ((range.end - 1) / BLOCK_SIZE) as usize;
+        for block in first..=last {
+            self.ensure_block(&name, block)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_block(&self, name: &str, block: usize) -> Result<()> {
+        let mut images = self.lock();
+        loop {
+            let image = images.get_mut(name).ok_or_else(|| unknown(name))?;
+            match image.blocks.get(block).copied() {
+                None => return Err(Error::io("fetch pages of", Path::new(name), io::Error::other("past its end"))),
+                Some(Block::Present) => return Ok(()),
+                Some(Block::Fetching) => images = self.changed.wait(images).unwrap_or_else(|p| p.into_inner()),
+                Some(Block::Missing) => {
+                    image.blocks[block] = Block::Fetching;
+                    let start = block as u64 * BLOCK_SIZE;
+                    let len = BLOCK_SIZE.min(image.size - start);
+                    let (archive, file) = (image.archive_offset + start, image.file.try_clone());
+                    drop(images);
+                    let fetched = self.fetch_into(name, file, archive..archive + len, start);
+                    images = self.lock();
+                    let image = images.get_mut(name).ok_or_else(|| unknown(name))?;
+                    image.blocks[block] = if fetched.is_ok() { Block::Present } else { Block::Missing };
+                    self.changed.notify_all();
+                    return fetched;
+                }
+            }
+        }
+    }
+
+    fn fetch_into(&self, name: &str, file: io::Result<File>, archive: Range<u64>, at: u64) -> Result<()> {
+        let fetch = self.fetch.as_ref().ok_or_else(|| {
+            Error::io("fetch pages of", Path::new(name), io::Error::other("the image is local and incomplete"))
+        })?;
+        let bytes = fetch(archive)?;
+        let file = file.map_err(|e| Error::io("open", Path::new(name), e))?;
+        file.write_all_at(&bytes, at).map_err(|e| Error::io("write pages into", Path::new(name), e))
+    }
+
+    /// Fetches every block still missing, in order, [`FILL_CONCURRENCY`] at a time, then syncs the
+    /// images.
+    fn fill(&self) -> Result<()> {
+        let work: Vec<(String, usize)> =
+            self.lock().iter().flat_map(|(n, i)| (0..i.blocks.len()).map(move |b| (n.clone(), b))).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..FILL_CONCURRENCY)
+                .map(|_| {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((name, block)) = work.get(i) else { return Ok(()) };
+                        self.ensure_block(name, *block)?;
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(Error::io("fill", Path::new("page images"), io::Error::other("a fill thread panicked")))
+                })
+            })
+        })?;
+        for (name, image) in self.lock().iter() {
+            image.file.sync_all().map_err(|e| Error::io("fsync", Path::new(name), e))?;
+        }
+        Ok(())
+    }
+
+    /// Serves the daemon on `serve.socket` until it closes its session.
+    fn serve(&self, serve: ServePages) -> Result<Served> {
+        let stream =
+            serve.socket.try_clone().map_err(|e| Error::io("clone", Path::new("the page-server socket"), e))?;
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(serve.socket);
+        let served = page_server::serve(stream, &self.maps, self, serve.framing)
+            .map_err(|e| Error::io("serve pages", Path::new("criu lazy-pages"), io::Error::other(e)))?;
+        if !served.closed {
+            return Err(Error::io(
+                "serve pages",
+                Path::new("criu lazy-pages"),
+                io::Error::other(
+                    "the lazy-pages daemon went away before it had every page; the shim kills the container",
+                ),
+            ));
+        }
+        Ok(served)
+    }
+
+    /// Ends the daemon's session (it then fails, and the container with it).
+    fn close(&self) {
+        if let Some(socket) = self.socket.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl PageSource for Images {
+    fn read_pages(&self, pages_file: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.ensure(pages_file.to_string(), offset..offset + buf.len() as u64).map_err(io::Error::other)?;
+        let file = self
+            .lock()
+            .get(pages_file)
+            .map(|i| i.file.try_clone())
+            .ok_or_else(|| io::Error::other(unknown(pages_file)))??;
+        file.read_exact_at(buf, offset)
+    }
+}
+
+fn unknown(name: &str) -> Error {
+    Error::io(
+        "serve pages of",
+        Path::new(name),
+        io::Error::new(io::ErrorKind::NotFound, "no such page image in the bundle"),
+    )
+}
+
+fn blocks_in(size: u64) -> usize {
+    size.div_ceil(BLOCK_SIZE) as usize
+}
+
+/// The image directory of a bundle directory (either layout).
+fn image_dir_of(dir: &Path) -> PathBuf {
+    let nested = dir.join(checkpoint_core::bundle::CHECKPOINT_DIR);
+    if nested.is_dir() {
+        nested
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The page images in `image_dir`.
+fn page_image_names(image_dir: &Path) -> Result<Vec<String>> {
+    let listing = |e| Error::io("list", image_dir, e);
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(image_dir).map_err(listing)? {
+        let name = entry.map_err(listing)?.file_name().to_string_lossy().into_owned();
+        if is_pages_image(Path::new(&name)) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// Whether the bundle's manifest (not yet verified: the shim verifies it) records GPU state.
+fn has_gpu_state(bundle: &Path) -> bool {
+    let manifest = std::fs::read(bundle.join(checkpoint_core::bundle::MANIFEST_FILE)).ok();
+    manifest
+        .and_then(|m| serde_json::from_slice::<checkpoint_core::bundle::Manifest>(&m).ok())
+        .is_some_and(|m| m.gpu.is_some())
+}
