@@ -188,3 +188,60 @@ fn an_unknown_restore_mode_is_refused_by_name() {
 
 /// The plain counter.
 const COUNTER: &str = kybernate_tests::COUNTER_SCRIPT;
+
+/// Every regular file under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_remote_lazy_restore_runs_while_the_sidecar_serves_its_pages_from_the_store() {
+    let sidecar = kybernate_tests::kybernate_sidecar_binary().unwrap();
+    let config = format!(
+        "{CHECKPOINTS}restore_dir = \"{{dir}}/restore\"\nsidecar_binary = {:?}\n",
+        sidecar.display().to_string()
+    );
+    let (c, image) = setup_with(&config);
+    let (bundle, last) = bundle_of(&c, image, "src", MEMORY_CHECKER);
+    // Shipped as a plain tar to a filesystem store, so its pages can be read where they lie; the
+    // node's copy is gone.
+    let store = c.dir.path().join("store");
+    let push = std::process::Command::new(&sidecar)
+        .arg("--checkpoint-dir")
+        .arg(checkpoint_root(&c))
+        .args(["--store", &format!("file://{}", store.display()), "--compression", "none", "push"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert_eq!(push.status.code(), Some(0), "push: {}", String::from_utf8_lossy(&push.stderr));
+    let archives: Vec<PathBuf> =
+        files_under(&store).into_iter().filter(|p| p.extension().is_some_and(|e| e == "tar")).collect();
+    assert_eq!(archives.len(), 1, "one plain tar in the store: {archives:?}");
+    fs::remove_dir_all(&bundle).unwrap();
+
+    restore(&c, image, "remote", &archives[0], &[LAZY]);
+    let published =
+        wait_log(&c, &["bundle published; its pages are served as the lazy restore asks for them", "id=remote"]);
+    let restored = wait_log(&c, &["container restored", "id=remote", "lazy_page_server="]);
+    assert!(!restored.contains("lazy_page_server=None"), "{restored}");
+    let log = fs::read_to_string(&c.log).unwrap();
+    assert!(log.find(&published) < log.find(&restored), "the bundle is published before the restore");
+    wait_log(&c, &["lazy restore: every page is in and verified", "id=remote"]);
+    let after = wait_for("two memory checks after the restore", TIMEOUT, || {
+        memory_state(&c, "remote").filter(|(round, _)| *round >= last + 2)
+    })
+    .unwrap();
+    assert!(after.1, "the memory served from the store differs from the checkpointed one: {after:?}");
+    assert_eq!(c.task_status("remote").as_deref(), Some("RUNNING"));
+    assert!(pids_with_arg("--serve-pages").is_empty(), "the sidecar exits once every page is on disk");
+    remove_task(&c, "remote");
+}

@@ -32,7 +32,7 @@ use checkpoint_core::bundle::ContainerIdentity;
 use checkpoint_core::pod::{self, DirKind, Selection};
 use checkpoint_core::reference::BundleRef;
 use checkpoint_core::tenant::Tenant;
-use checkpoint_core::{open_container_bundle, Criu, OpenOptions, RestorableBundle, TenantCheck};
+use checkpoint_core::{open_container_bundle, Criu, OpenOptions, PageFeed, RestorableBundle, TenantCheck};
 
 use crate::annotations::{
     is_sandbox, restore_policy, RestorePolicy, CONTAINER_NAME, POD_NAMESPACE, RESTORE_FROM,
@@ -79,6 +79,9 @@ impl<'a> Restoring<'a> {
 enum Located {
     /// A bundle directory on this node (fetched or in place).
     Bundle(PathBuf),
+    /// A bundle the sidecar published before its pages arrived, and the feed that serves them to a
+    /// lazy restore (remote lazy restore).
+    Fed(PathBuf, PageFeed),
     /// The pod checkpoint holds no bundle of this container; why, in words.
     NotCovered(String),
 }
@@ -106,7 +109,9 @@ pub fn resolve(
         return Ok(None);
     }
     let policy = restore_policy(spec)?;
-    let opened = match locate(reference, name, id, config, reaper) {
+    let restoring = Restoring::new(spec, namespace, reference, config)?;
+    let accept_partial = policy == Some(RestorePolicy::AllowPartial);
+    let opened = match locate(reference, name, id, config, reaper, restoring.lazy.then_some(criu)) {
         Ok(Located::NotCovered(why)) => {
             if policy != Some(RestorePolicy::Fail) {
                 tracing::info!(id, container = name, reference, reason = %why, "not in the pod checkpoint; starting fresh");
@@ -117,10 +122,9 @@ pub fn resolve(
                  it fresh (set {own}: none for a container that is meant to start fresh, such as an init container)"
             )));
         }
-        Ok(Located::Bundle(dir)) => {
-            let accept_partial = policy == Some(RestorePolicy::AllowPartial);
-            open(&dir, config, criu, false, accept_partial, &Restoring::new(spec, namespace, reference, config)?)
-        }
+        Ok(Located::Bundle(dir)) => open(&dir, config, criu, false, accept_partial, &restoring),
+        Ok(Located::Fed(dir, feed)) => open(&dir, config, criu, false, accept_partial, &restoring)
+            .and_then(|b| Ok(b.feed_pages(feed).map(|()| b)?)),
         Err(e) => Err(e),
     };
     match (opened, policy.unwrap_or(RestorePolicy::Fail)) {
@@ -176,8 +180,17 @@ pub(super) fn open(
 
 /// Follows `reference` to this container's bundle: in place, from a pod checkpoint on this node, or
 /// fetched by the sidecar (one archive, or this container's from a pod checkpoint in a store). The
-/// reference, and a bundle found in a pod's directory, must lie under the restore roots.
-fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reaper: &Arc<Reaper>) -> Result<Located> {
+/// reference, and a bundle found in a pod's directory, must lie under the restore roots. With
+/// `lazy` (the CRIU of a lazy restore), a fetched bundle is published before its pages arrive and
+/// they are served as the restore asks for them, where this node can restore lazily.
+fn locate(
+    reference: &str,
+    container: &str,
+    id: &str,
+    config: &ShimConfig,
+    reaper: &Arc<Reaper>,
+    lazy: Option<&Criu>,
+) -> Result<Located> {
     let (target, at) = pod::split_time(reference);
     let roots = config.restore_roots();
     let parsed = roots.confine(&BundleRef::parse(target)?)?;
@@ -210,12 +223,14 @@ fn locate(reference: &str, container: &str, id: &str, config: &ShimConfig, reape
         BundleRef::S3 { key, .. } => !pod::is_archive(key),
     };
     let pod_container = pod_prefix.then_some(container);
-    fetch(&parsed, at, pod_container, id, config, reaper)
+    fetch(&parsed, at, pod_container, id, config, reaper, lazy)
 }
 
 /// Fetches a remote bundle with `kybernate-sidecar pull` into a new directory under the restore dir:
 /// one archive, or — with `container` — that container's archive in a pod checkpoint in a store. The
-/// sidecar skips its own manifest pass: the bundle is verified when it is opened.
+/// sidecar skips its own manifest pass: the bundle is verified when it is opened. For a lazy restore
+/// (`lazy`, where CRIU finds userfaultfd) the sidecar serves the pages while it fetches them
+/// (`pull --serve-pages`).
 fn fetch(
     reference: &BundleRef,
     at: Option<&str>,
@@ -223,6 +238,7 @@ fn fetch(
     id: &str,
     config: &ShimConfig,
     reaper: &Arc<Reaper>,
+    lazy: Option<&Criu>,
 ) -> Result<Located> {
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     let dest = config.restore_dir.join(format!("{id}-{stamp}"));
@@ -240,11 +256,43 @@ fn fetch(
     args.extend([std::ffi::OsString::from(&target), dest.clone().into_os_string()]);
     let what = format!("fetching {target}");
     let fix = "raise fetch_timeout in the shim config, or check the store";
-    let run = crate::sidecar::run(config, reaper, &args, config.fetch_timeout(), &what, fix)?;
+    let run = match lazy.and_then(remote_lazy_criu) {
+        Some(version) => {
+            let timeout = config.fetch_timeout();
+            match crate::sidecar::pull_serving_pages(config, reaper, &args, &version, timeout, &what, fix)? {
+                Ok((dir, feed)) if dir == dest => {
+                    tracing::info!(%id, reference = %target, bundle = %dir.display(), "bundle published; its pages are served as the lazy restore asks for them");
+                    return Ok(Located::Fed(dir, feed));
+                }
+                Ok((dir, _)) => {
+                    return Err(ShimError::Internal(format!(
+                        "the sidecar published {} instead of {}",
+                        dir.display(),
+                        dest.display()
+                    )))
+                }
+                Err(run) => run,
+            }
+        }
+        None => crate::sidecar::run(config, reaper, &args, config.fetch_timeout(), &what, fix)?,
+    };
     let said = run.said;
     match run.code {
         Some(0) => Ok(Located::Bundle(dest)),
         Some(SIDECAR_NOT_COVERED) if container.is_some() => Ok(Located::NotCovered(said)),
         _ => Err(ShimError::Unavailable(format!("fetching {target} failed ({}): {said}", run.status))),
+    }
+}
+
+/// The version of `criu` when it can restore lazily on this node (the sidecar then serves the pages
+/// of a remote bundle as they arrive); `None`, with the reason logged, when it cannot.
+fn remote_lazy_criu(criu: &Criu) -> Option<String> {
+    match (criu.has_feature(checkpoint_core::Feature::LazyPages), criu.version()) {
+        (Ok(true), Ok(version)) => Some(version.to_string()),
+        (Ok(false), _) => None,
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot tell whether CRIU restores lazily here; fetching the whole bundle first");
+            None
+        }
     }
 }
