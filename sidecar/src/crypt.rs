@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use chacha20poly1305::aead::stream::{DecryptorBE32, EncryptorBE32};
+use chacha20poly1305::aead::stream::{DecryptorBE32, EncryptorBE32, NewStream, StreamBE32, StreamPrimitive};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -366,6 +366,93 @@ impl<W: Write> Write for EncryptWriter<W> {
     }
 }
 
+/// Checks an archive's header against `key`: its nonce prefix and chunk size.
+fn parse_header(header: &[u8; HEADER_LEN], key: &Key) -> std::result::Result<([u8; NONCE_PREFIX_LEN], usize), String> {
+    if header[..8] != MAGIC {
+        return Err("it does not start with the KYBENC1 header of an archive encrypted by kybernate-sidecar".into());
+    }
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&header[8..16]);
+    if KeyId(id) != key.id() {
+        return Err(format!("its header names key id {}, its record key id {}", KeyId(id), key.id()));
+    }
+    let mut nonce = [0u8; NONCE_PREFIX_LEN];
+    nonce.copy_from_slice(&header[16..35]);
+    let chunk = u32::from_be_bytes([header[35], header[36], header[37], header[38]]) as usize;
+    if !(1..=MAX_CHUNK_SIZE).contains(&chunk) {
+        return Err(format!("its header names a chunk size of {chunk} bytes (1 to {MAX_CHUNK_SIZE} allowed)"));
+    }
+    Ok((nonce, chunk))
+}
+
+/// Random access to the plaintext of an encrypted archive: chunk *i* authenticates on its own (its
+/// nonce is the prefix, *i* and the last-chunk flag, its associated data the header), so a byte
+/// range is read by fetching and authenticating only the chunks that hold it. Which chunk is the
+/// last follows from the object's size; a chunk moved, cut or flagged wrongly does not authenticate.
+pub struct ChunkDecryptor {
+    stream: StreamBE32<XChaCha20Poly1305>,
+    header: [u8; HEADER_LEN],
+    chunk: u64,
+    chunks: u64,
+    plain_size: u64,
+}
+
+impl ChunkDecryptor {
+    /// Checks `header` against `key`; `object_size` is the encrypted archive's size.
+    pub fn new(header: &[u8; HEADER_LEN], key: &Key, object_size: u64) -> std::result::Result<Self, String> {
+        let (nonce, chunk) = parse_header(header, key)?;
+        let (chunk, sealed) = (chunk as u64, (chunk + TAG_LEN) as u64);
+        let body = object_size
+            .checked_sub(HEADER_LEN as u64 + TAG_LEN as u64)
+            .ok_or("it is shorter than a header and one tag")?;
+        let chunks = body / sealed + 1;
+        let last = body - (chunks - 1) * sealed;
+        if chunks > u64::from(u32::MAX) || last > chunk {
+            return Err(format!("its size ({object_size} bytes) is not that of an archive in {chunk}-byte chunks"));
+        }
+        let stream = StreamBE32::from_aead(key.cipher(), (&nonce).into());
+        Ok(ChunkDecryptor { stream, header: *header, chunk, chunks, plain_size: (chunks - 1) * chunk + last })
+    }
+
+    /// Bytes of plaintext.
+    pub fn plain_size(&self) -> u64 {
+        self.plain_size
+    }
+
+    /// The chunks that hold plaintext bytes `range`, and where they lie in the object.
+    pub fn locate(&self, range: &std::ops::Range<u64>) -> (std::ops::Range<u64>, std::ops::Range<u64>) {
+        let sealed = self.chunk + TAG_LEN as u64;
+        let first = range.start / self.chunk;
+        let end = range.end.div_ceil(self.chunk).clamp(first + 1, self.chunks);
+        let at = |i: u64| HEADER_LEN as u64 + i * sealed;
+        let object_end = at(self.chunks - 1) + (self.plain_size - (self.chunks - 1) * self.chunk) + TAG_LEN as u64;
+        (first..end, at(first)..at(end).min(object_end))
+    }
+
+    /// Authenticates and decrypts the sealed `chunks` (as [`ChunkDecryptor::locate`] placed them,
+    /// read from the object) and returns plaintext bytes `range`, which they must hold.
+    pub fn decrypt(
+        &self,
+        chunks: std::ops::Range<u64>,
+        sealed: &[u8],
+        range: &std::ops::Range<u64>,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let mut plain = Vec::with_capacity(sealed.len());
+        let mut buf = Vec::with_capacity((self.chunk as usize) + TAG_LEN);
+        for (i, piece) in chunks.clone().zip(sealed.chunks(self.chunk as usize + TAG_LEN)) {
+            buf.clear();
+            buf.extend_from_slice(piece);
+            self.stream.decrypt_in_place(i as u32, i + 1 == self.chunks, &self.header, &mut buf).map_err(|_| {
+                format!("chunk {i} does not authenticate: the object was altered, truncated or reordered")
+            })?;
+            plain.extend_from_slice(&buf);
+        }
+        let from = (range.start - chunks.start * self.chunk) as usize;
+        let to = from + (range.end - range.start) as usize;
+        plain.get(from..to).map(<[u8]>::to_vec).ok_or_else(|| format!("chunks {chunks:?} do not hold bytes {range:?}"))
+    }
+}
+
 /// A `Read` of the plaintext of an encrypted archive read from `inner`. Every chunk is
 /// authenticated before any of its bytes are returned; the end of the plaintext is reported only
 /// after the last chunk authenticated as the last. Once it fails, it keeps failing.
@@ -391,20 +478,7 @@ impl<R: Read> DecryptReader<R> {
             io::ErrorKind::UnexpectedEof => "it ends inside its encryption header".to_string(),
             _ => format!("cannot read its encryption header: {e}"),
         })?;
-        if header[..8] != MAGIC {
-            return Err("it does not start with the KYBENC1 header of an archive encrypted by kybernate-sidecar".into());
-        }
-        let mut id = [0u8; KEY_ID_LEN];
-        id.copy_from_slice(&header[8..16]);
-        if KeyId(id) != key.id() {
-            return Err(format!("its header names key id {}, its record key id {}", KeyId(id), key.id()));
-        }
-        let mut nonce = [0u8; NONCE_PREFIX_LEN];
-        nonce.copy_from_slice(&header[16..35]);
-        let chunk = u32::from_be_bytes([header[35], header[36], header[37], header[38]]) as usize;
-        if !(1..=MAX_CHUNK_SIZE).contains(&chunk) {
-            return Err(format!("its header names a chunk size of {chunk} bytes (1 to {MAX_CHUNK_SIZE} allowed)"));
-        }
+        let (nonce, chunk) = parse_header(&header, key)?;
         let stream = DecryptorBE32::from_aead(key.cipher(), (&nonce).into());
         Ok(DecryptReader {
             inner,
@@ -531,6 +605,43 @@ mod tests {
             assert_eq!(data.len(), HEADER_LEN + len + chunks * TAG_LEN, "length {len}");
             assert_eq!(decrypt(&data, &k).unwrap(), plain, "length {len}");
         }
+    }
+
+    fn read_at(data: &[u8], key: &Key, range: std::ops::Range<u64>) -> std::result::Result<Vec<u8>, String> {
+        let header: [u8; HEADER_LEN] = data[..HEADER_LEN].try_into().unwrap();
+        let d = ChunkDecryptor::new(&header, key, data.len() as u64)?;
+        let (chunks, at) = d.locate(&range);
+        d.decrypt(chunks, &data[at.start as usize..at.end as usize], &range)
+    }
+
+    #[test]
+    fn any_range_decrypts_from_its_chunks_alone() {
+        let k = key(9);
+        let sealing = Sealing::fresh(k.clone()).unwrap();
+        for len in [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 3 * CHUNK + 5] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let data = encrypt(&plain, &sealing, CHUNK);
+            let header: [u8; HEADER_LEN] = data[..HEADER_LEN].try_into().unwrap();
+            assert_eq!(ChunkDecryptor::new(&header, &k, data.len() as u64).unwrap().plain_size(), len as u64);
+            for start in 0..len {
+                for end in start + 1..=len {
+                    let got = read_at(&data, &k, start as u64..end as u64).unwrap();
+                    assert_eq!(got, &plain[start..end], "length {len}, bytes {start}..{end}");
+                }
+            }
+        }
+        let mut data = encrypt(&[5u8; 3 * CHUNK], &sealing, CHUNK);
+        data[HEADER_LEN + CHUNK + TAG_LEN + 2] ^= 1;
+        assert!(read_at(&data, &k, 0..CHUNK as u64).is_ok(), "other chunks still read");
+        let err = read_at(&data, &k, CHUNK as u64 + 1..CHUNK as u64 + 2).unwrap_err();
+        assert_eq!(err, "chunk 1 does not authenticate: the object was altered, truncated or reordered");
+        // Cut by one whole chunk, the new last chunk is not flagged as last.
+        let whole = encrypt(&[5u8; 3 * CHUNK], &sealing, CHUNK);
+        let cut = &whole[..whole.len() - CHUNK - TAG_LEN];
+        assert!(read_at(cut, &k, CHUNK as u64..CHUNK as u64 + 1)
+            .unwrap_err()
+            .starts_with("chunk 1 does not authenticate"));
+        assert!(read_at(&data, &key(8), 0..1).unwrap_err().contains("names key id"));
     }
 
     #[test]

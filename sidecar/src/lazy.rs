@@ -2,8 +2,9 @@
 //! is published before its memory is downloaded, and its pages are served to CRIU's lazy-pages
 //! daemon from the store while the rest of them is fetched in the background.
 //!
-//! For an archive stored as a plain tar (no compression, no encryption) every byte can be read at
-//! its offset, so:
+//! For an archive stored as an uncompressed tar, encrypted or not, every byte can be read at its
+//! offset (an encrypted one's 1 MiB chunks authenticate and decrypt on their own,
+//! [`crate::crypt::ChunkDecryptor`]), so:
 //! 1. the tar is walked with ranged reads; every file but the page images (`pages-*.img`) is checked
 //!    and unpacked as a full pull does, and the page images are created at their size, empty;
 //! 2. the ranges of the page images a lazy restore reads itself (all but the lazy runs of the
@@ -16,8 +17,8 @@
 //!    with 0. If a read fails the socket is closed, which fails the daemon, and the shim kills the
 //!    container: it never runs on a page that did not come.
 //!
-//! Any other archive (zstd, encrypted) is pulled whole first and then served from disk: the restore
-//! is still lazy, but starts only once the download is done (logged).
+//! A zstd archive is pulled whole first and then served from disk: the restore is still lazy, but
+//! starts only once the download is done (logged).
 //!
 //! The page images' hashes are not checked here: the shim checks them against the signed manifest
 //! once the pull has ended, as it does for a local lazy restore.
@@ -37,6 +38,7 @@ use checkpoint_core::criu::pagemap::{eager_ranges, PageMap};
 use tokio::runtime::Handle;
 
 use crate::archive::Compression;
+use crate::crypt::{ChunkDecryptor, HEADER_LEN};
 use crate::error::{join_error, Error, Result};
 use crate::extract::{self, Deferred};
 use crate::fetch::{fetch_object, read_range, FetchOptions};
@@ -69,9 +71,8 @@ pub async fn fetch_serving_pages(
     serve: ServePages,
     ready: impl FnOnce(&Path),
 ) -> Result<PathBuf> {
-    let ranged = info.meta.compression == Compression::None && info.meta.encryption.is_none();
-    if !ranged {
-        tracing::warn!(key = %info.key, "the archive is compressed or encrypted, so its pages cannot be read where they lie: pulling it whole before the lazy restore starts (store it as a plain tar for a remote lazy restore)");
+    if info.meta.compression != Compression::None {
+        tracing::warn!(key = %info.key, "the archive is compressed, so its pages cannot be read where they lie: pulling it whole before the lazy restore starts (store it with compression = \"none\" for a remote lazy restore)");
         let dir = fetch_object(store, info, dest, opts).await?;
         let images = Images::local(&dir)?;
         ready(&dir);
@@ -85,14 +86,15 @@ pub async fn fetch_serving_pages(
         );
         return Ok(dir);
     }
-    let reader = Ranged::new(Handle::current(), store.clone(), info, opts.s3.retry);
+    let plain = Arc::new(Plaintext::open(store, info, opts, dest).await?);
+    let reader = Ranged::new(Arc::clone(&plain));
     let (limits, key, dest_owned) = (opts.limits, info.key.clone(), dest.to_path_buf());
     let (staged, deferred) = tokio::task::spawn_blocking(move || {
         extract::stage_deferring(reader, &dest_owned, &limits, &key, &|rel: &Path| is_pages_image(rel))
     })
     .await
     .map_err(|e| join_error("walk the archive", e))??;
-    let images = Images::deferred(staged.path(), &deferred, Handle::current(), store, info, opts.s3.retry)?;
+    let images = Images::deferred(staged.path(), &deferred, plain)?;
     let images = Arc::new(images);
     let eager = images.eager_ranges(staged.path())?;
     let eager_bytes: u64 = eager.iter().map(|(_, r)| r.end - r.start).sum();
@@ -131,43 +133,77 @@ fn is_pages_image(rel: &Path) -> bool {
     rel.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"))
 }
 
-/// A blocking, seekable reader of an object, by ranged reads of [`WALK_WINDOW`].
-struct Ranged {
+/// Bytes of an archive's tar stream at any offset, blocking: ranged reads of the object, through its
+/// encryption when it is encrypted (only the chunks that hold the bytes are read and authenticated).
+struct Plaintext {
     rt: Handle,
     store: Arc<dyn Store>,
     key: String,
-    size: u64,
     retry: RetryPolicy,
+    cipher: Option<ChunkDecryptor>,
+    size: u64,
+    dest: PathBuf,
+}
+
+impl Plaintext {
+    /// The archive `info`; an encrypted one must be decrypted by a key of `opts` (checked on its
+    /// header, before anything is written to `dest`).
+    async fn open(store: Arc<dyn Store>, info: &ObjectInfo, opts: &FetchOptions, dest: &Path) -> Result<Plaintext> {
+        let (key, retry) = (info.key.clone(), opts.s3.retry);
+        let cipher = match opts.keys.key_for(&info.key, info.meta.encryption.as_ref())? {
+            None => None,
+            Some(k) => {
+                let header =
+                    read_range(store.clone(), key.clone(), 0..(HEADER_LEN as u64).min(info.meta.size), retry).await?;
+                let refuse = |reason: String| Error::Decrypt { key: key.clone(), reason, dest: dest.to_path_buf() };
+                let header: [u8; HEADER_LEN] =
+                    header[..].try_into().map_err(|_| refuse("it ends inside its encryption header".into()))?;
+                Some(ChunkDecryptor::new(&header, &k, info.meta.size).map_err(refuse)?)
+            }
+        };
+        let size = cipher.as_ref().map_or(info.meta.size, ChunkDecryptor::plain_size);
+        Ok(Plaintext { rt: Handle::current(), store, key, retry, cipher, size, dest: dest.to_path_buf() })
+    }
+
+    /// Bytes `range` of the tar stream.
+    fn read(&self, range: Range<u64>) -> Result<Bytes> {
+        let Some(cipher) = &self.cipher else {
+            return self.rt.block_on(read_range(self.store.clone(), self.key.clone(), range, self.retry));
+        };
+        let (chunks, sealed) = cipher.locate(&range);
+        let bytes = self.rt.block_on(read_range(self.store.clone(), self.key.clone(), sealed, self.retry))?;
+        let plain = cipher.decrypt(chunks, &bytes, &range).map_err(|reason| Error::Decrypt {
+            key: self.key.clone(),
+            reason,
+            dest: self.dest.clone(),
+        })?;
+        Ok(Bytes::from(plain))
+    }
+}
+
+/// A blocking, seekable reader of an archive's tar stream, by reads of [`WALK_WINDOW`].
+struct Ranged {
+    plain: Arc<Plaintext>,
     pos: u64,
     window: Bytes,
     window_at: u64,
 }
 
 impl Ranged {
-    fn new(rt: Handle, store: Arc<dyn Store>, info: &ObjectInfo, retry: RetryPolicy) -> Ranged {
-        Ranged {
-            rt,
-            store,
-            key: info.key.clone(),
-            size: info.meta.size,
-            retry,
-            pos: 0,
-            window: Bytes::new(),
-            window_at: 0,
-        }
+    fn new(plain: Arc<Plaintext>) -> Ranged {
+        Ranged { plain, pos: 0, window: Bytes::new(), window_at: 0 }
     }
 }
 
 impl Read for Ranged {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pos >= self.size {
+        if self.pos >= self.plain.size {
             return Ok(0);
         }
         let in_window = self.pos >= self.window_at && self.pos < self.window_at + self.window.len() as u64;
         if !in_window {
-            let range = self.pos..(self.pos + WALK_WINDOW).min(self.size);
-            let read = read_range(self.store.clone(), self.key.clone(), range, self.retry);
-            self.window = self.rt.block_on(read).map_err(io::Error::other)?;
+            let range = self.pos..(self.pos + WALK_WINDOW).min(self.plain.size);
+            self.window = self.plain.read(range).map_err(io::Error::other)?;
             self.window_at = self.pos;
         }
         let from = (self.pos - self.window_at) as usize;
@@ -183,7 +219,7 @@ impl Seek for Ranged {
         let to = match pos {
             SeekFrom::Start(n) => Some(n),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::End(d) => self.plain.size.checked_add_signed(d),
         };
         self.pos = to.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
         Ok(self.pos)
@@ -206,14 +242,11 @@ struct Image {
     blocks: Vec<Block>,
 }
 
-/// Fetches a block's bytes at an offset of the archive.
-type Fetch = Box<dyn Fn(Range<u64>) -> Result<Bytes> + Send + Sync>;
-
 /// The page images of one bundle: complete on disk, or filled from the store block by block.
 struct Images {
     images: Mutex<BTreeMap<String, Image>>,
     changed: Condvar,
-    fetch: Option<Fetch>,
+    fetch: Option<Arc<Plaintext>>,
     maps: Vec<PageMap>,
     socket: Mutex<Option<UnixStream>>,
 }
@@ -233,15 +266,8 @@ impl Images {
     }
 
     /// The page images `deferred` (created empty at their size under `staging`), to be filled from
-    /// `info` in `store`.
-    fn deferred(
-        staging: &Path,
-        deferred: &[Deferred],
-        rt: Handle,
-        store: Arc<dyn Store>,
-        info: &ObjectInfo,
-        retry: RetryPolicy,
-    ) -> Result<Images> {
+    /// the archive's tar stream `plain`.
+    fn deferred(staging: &Path, deferred: &[Deferred], plain: Arc<Plaintext>) -> Result<Images> {
         let mut images = BTreeMap::new();
         let mut image_dir = None;
         for d in deferred {
@@ -254,12 +280,10 @@ impl Images {
                 Image { file, size: d.size, archive_offset: d.offset, blocks: vec![Block::Missing; blocks_in(d.size)] },
             );
         }
-        let key = info.key.clone();
-        let fetch: Fetch = Box::new(move |range| rt.block_on(read_range(store.clone(), key.clone(), range, retry)));
-        Images::new(images, Some(fetch), &image_dir.unwrap_or_else(|| image_dir_of(staging)))
+        Images::new(images, Some(plain), &image_dir.unwrap_or_else(|| image_dir_of(staging)))
     }
 
-    fn new(images: BTreeMap<String, Image>, fetch: Option<Fetch>, image_dir: &Path) -> Result<Images> {
+    fn new(images: BTreeMap<String, Image>, fetch: Option<Arc<Plaintext>>, image_dir: &Path) -> Result<Images> {
         let maps = PageMap::read_dir(image_dir)
             .map_err(|e| Error::io("read the page maps in", image_dir, io::Error::other(e)))?;
         Ok(Images { images: Mutex::new(images), changed: Condvar::new(), fetch, maps, socket: Mutex::new(None) })
@@ -330,7 +354,7 @@ impl Images {
         let fetch = self.fetch.as_ref().ok_or_else(|| {
             Error::io("fetch pages of", Path::new(name), io::Error::other("the image is local and incomplete"))
         })?;
-        let bytes = fetch(archive)?;
+        let bytes = fetch.read(archive)?;
         let file = file.map_err(|e| Error::io("open", Path::new(name), e))?;
         file.write_all_at(&bytes, at).map_err(|e| Error::io("write pages into", Path::new(name), e))
     }
