@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use checkpoint_core::bundle;
 use common::*;
@@ -49,20 +49,6 @@ fn stored_keys(node: &Node) -> Vec<String> {
     let out = std::process::Command::new(&node.wrapper).arg("ls").output().unwrap();
     assert_eq!(out.status.code(), Some(0), "ls: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split('\t').next().unwrap().to_string()).collect()
-}
-
-/// What is left in `dir` (recursively, files only).
-fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_in(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 /// Starts a container `id` restoring from `reference` and checks it resumes past `last`.

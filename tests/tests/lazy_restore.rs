@@ -189,59 +189,113 @@ fn an_unknown_restore_mode_is_refused_by_name() {
 /// The plain counter.
 const COUNTER: &str = kybernate_tests::COUNTER_SCRIPT;
 
-/// Every regular file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
+/// The shim config of the remote lazy tests: the shim's sidecar is the wrapper [`sidecar_wrapper`]
+/// writes, restores are fetched into the instance's directory and may come from there or from the
+/// test S3 server's bucket.
+const REMOTE: &str =
+    "checkpoint_dir = \"{dir}/checkpoints\"\nrestore_dir = \"{dir}/restore\"\nsidecar_binary = \"{dir}/sidecar\"\n\
+     restore_roots = [\"{dir}\", \"s3://bundles\"]\n";
+
+/// Writes the sidecar the shim runs for an instance started with [`REMOTE`]: the real one with
+/// `flags` (its store, compression and key, as a node's sidecar config would set them) and `env`.
+fn sidecar_wrapper(c: &Containerd, flags: &[String], env: &[(&str, String)]) -> PathBuf {
+    let sidecar = kybernate_tests::kybernate_sidecar_binary().unwrap();
+    let wrapper = c.dir.path().join("sidecar");
+    let exports: String = env.iter().map(|(k, v)| format!("export {k}={v:?}\n")).collect();
+    let flags: Vec<String> = flags.iter().map(|f| format!("{f:?}")).collect();
+    let script = format!("#!/bin/sh\n{exports}exec {:?} {} \"$@\"\n", sidecar.display().to_string(), flags.join(" "));
+    fs::write(&wrapper, script).unwrap();
+    fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    wrapper
+}
+
+/// Pushes `bundle` (of a [`MEMORY_CHECKER`] that counted to `last`) to the store of `wrapper`
+/// (`store_url`), removes the node's copy, and checks that a lazy restore of the archive as `id` runs
+/// while the sidecar serves its pages: the bundle is published before the restore, every page comes
+/// in and verifies, the memory is intact, and the sidecar exits once every page is on disk.
+fn assert_remote_lazy_restore(
+    c: &Containerd,
+    image: &str,
+    wrapper: &Path,
+    store_url: &str,
+    bundle: &Path,
+    last: u64,
+    id: &str,
+) {
+    let push = std::process::Command::new(wrapper)
+        .arg("--checkpoint-dir")
+        .arg(checkpoint_root(c))
+        .arg("push")
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert_eq!(push.status.code(), Some(0), "push: {}", String::from_utf8_lossy(&push.stderr));
+    let ls = std::process::Command::new(wrapper).arg("ls").output().unwrap();
+    assert_eq!(ls.status.code(), Some(0), "ls: {}", String::from_utf8_lossy(&ls.stderr));
+    let keys: Vec<String> =
+        String::from_utf8_lossy(&ls.stdout).lines().map(|l| l.split('\t').next().unwrap().to_string()).collect();
+    assert_eq!(keys.len(), 1, "one archive in the store: {keys:?}");
+    assert!(!keys[0].contains(".zst"), "stored uncompressed: {keys:?}");
+    fs::remove_dir_all(bundle).unwrap();
+    let reference = match store_url.strip_prefix("file://") {
+        Some(dir) => format!("{dir}/{}", keys[0]),
+        None => format!("{store_url}/{}", keys[0]),
+    };
+
+    restore(c, image, id, Path::new(&reference), &[LAZY]);
+    let with_id = format!("id={id}");
+    let published =
+        wait_log(c, &["bundle published; its pages are served as the lazy restore asks for them", &with_id]);
+    let restored = wait_log(c, &["container restored", &with_id, "lazy_page_server="]);
+    assert!(!restored.contains("lazy_page_server=None"), "{restored}");
+    let log = fs::read_to_string(&c.log).unwrap();
+    assert!(log.find(&published) < log.find(&restored), "the bundle is published before the restore");
+    wait_log(c, &["lazy restore: every page is in and verified", &with_id]);
+    let after = wait_for("two memory checks after the restore", TIMEOUT, || {
+        memory_state(c, id).filter(|(round, _)| *round >= last + 2)
+    })
+    .unwrap();
+    assert!(after.1, "the memory served from the store differs from the checkpointed one: {after:?}");
+    assert_eq!(c.task_status(id).as_deref(), Some("RUNNING"));
+    assert!(pids_with_arg("--serve-pages").is_empty(), "the sidecar exits once every page is on disk");
+    remove_task(c, id);
+}
+
+/// The flags of a sidecar that stores uncompressed archives at `store_url`.
+fn uncompressed(store_url: &str) -> Vec<String> {
+    ["--store", store_url, "--compression", "none"].map(String::from).to_vec()
 }
 
 #[test]
 fn a_remote_lazy_restore_runs_while_the_sidecar_serves_its_pages_from_the_store() {
-    let sidecar = kybernate_tests::kybernate_sidecar_binary().unwrap();
-    let config = format!(
-        "{CHECKPOINTS}restore_dir = \"{{dir}}/restore\"\nsidecar_binary = {:?}\n",
-        sidecar.display().to_string()
-    );
-    let (c, image) = setup_with(&config);
+    let (c, image) = setup_with(REMOTE);
+    let store = format!("file://{}", c.dir.path().join("store").display());
+    let wrapper = sidecar_wrapper(&c, &uncompressed(&store), &[]);
     let (bundle, last) = bundle_of(&c, image, "src", MEMORY_CHECKER);
-    // Shipped as a plain tar to a filesystem store, so its pages can be read where they lie; the
-    // node's copy is gone.
-    let store = c.dir.path().join("store");
-    let push = std::process::Command::new(&sidecar)
-        .arg("--checkpoint-dir")
-        .arg(checkpoint_root(&c))
-        .args(["--store", &format!("file://{}", store.display()), "--compression", "none", "push"])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert_eq!(push.status.code(), Some(0), "push: {}", String::from_utf8_lossy(&push.stderr));
-    let archives: Vec<PathBuf> =
-        files_under(&store).into_iter().filter(|p| p.extension().is_some_and(|e| e == "tar")).collect();
-    assert_eq!(archives.len(), 1, "one plain tar in the store: {archives:?}");
-    fs::remove_dir_all(&bundle).unwrap();
+    assert_remote_lazy_restore(&c, image, &wrapper, &store, &bundle, last, "remote");
+}
 
-    restore(&c, image, "remote", &archives[0], &[LAZY]);
-    let published =
-        wait_log(&c, &["bundle published; its pages are served as the lazy restore asks for them", "id=remote"]);
-    let restored = wait_log(&c, &["container restored", "id=remote", "lazy_page_server="]);
-    assert!(!restored.contains("lazy_page_server=None"), "{restored}");
-    let log = fs::read_to_string(&c.log).unwrap();
-    assert!(log.find(&published) < log.find(&restored), "the bundle is published before the restore");
-    wait_log(&c, &["lazy restore: every page is in and verified", "id=remote"]);
-    let after = wait_for("two memory checks after the restore", TIMEOUT, || {
-        memory_state(&c, "remote").filter(|(round, _)| *round >= last + 2)
-    })
-    .unwrap();
-    assert!(after.1, "the memory served from the store differs from the checkpointed one: {after:?}");
-    assert_eq!(c.task_status("remote").as_deref(), Some("RUNNING"));
-    assert!(pids_with_arg("--serve-pages").is_empty(), "the sidecar exits once every page is on disk");
-    remove_task(&c, "remote");
+#[test]
+fn an_encrypted_archive_is_restored_lazily_chunk_by_chunk() {
+    let (c, image) = setup_with(REMOTE);
+    let key = c.dir.path().join("store.key");
+    let sidecar = kybernate_tests::kybernate_sidecar_binary().unwrap();
+    let keygen = std::process::Command::new(&sidecar).arg("keygen").arg("--out").arg(&key).output().unwrap();
+    assert_eq!(keygen.status.code(), Some(0), "keygen: {}", String::from_utf8_lossy(&keygen.stderr));
+    let store = format!("file://{}", c.dir.path().join("store").display());
+    let mut flags = uncompressed(&store);
+    flags.extend(["--encryption-key-file".into(), key.display().to_string()]);
+    let wrapper = sidecar_wrapper(&c, &flags, &[]);
+    let (bundle, last) = bundle_of(&c, image, "src", MEMORY_CHECKER);
+    assert_remote_lazy_restore(&c, image, &wrapper, &store, &bundle, last, "sealed");
+}
+
+#[test]
+fn an_s3_archive_is_restored_lazily_with_ranged_gets() {
+    let s3 = kybernate_tests::s3::S3Server::start();
+    let (c, image) = setup_with(REMOTE);
+    let store = format!("s3://{}", kybernate_tests::s3::BUCKET);
+    let wrapper = sidecar_wrapper(&c, &uncompressed(&store), &s3.sidecar_env());
+    let (bundle, last) = bundle_of(&c, image, "src", MEMORY_CHECKER);
+    assert_remote_lazy_restore(&c, image, &wrapper, &store, &bundle, last, "from-s3");
 }

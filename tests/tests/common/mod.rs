@@ -275,3 +275,17 @@ pub fn corrupt_pages(bundle_dir: &Path) -> (PathBuf, Vec<u8>) {
     fs::write(&pages, &bytes).unwrap();
     (pages, bytes)
 }
+
+/// The files under `dir`, recursively (none when it does not exist).
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_in(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
