@@ -43,7 +43,8 @@ BENCH_FLAGS ?=
 bench: deps
 	$(CARGO) build --release -p kybernate-shim -p kybernate-sidecar -p kybernate-bench
 	@[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core
-	./target/release/kybernate-bench --shim $(CURDIR)/target/release/containerd-shim-kybernate-v1 --out $(CURDIR)/target/bench $(BENCH_FLAGS)
+	./target/release/kybernate-bench --shim $(CURDIR)/target/release/containerd-shim-kybernate-v1 \
+	  --sidecar $(CURDIR)/target/release/kybernate-sidecar --out $(CURDIR)/target/bench $(BENCH_FLAGS)
 	SIDECAR=$(CURDIR)/target/release/kybernate-sidecar bash sidecar/scripts/bench.sh
 
 fmt:

@@ -44,6 +44,9 @@ struct Args {
     /// The Kybernate shim binary.
     #[arg(long, env = "SHIM")]
     shim: PathBuf,
+    /// The Kybernate sidecar binary (ships bundles to a store; the shim fetches them with it).
+    #[arg(long, env = "SIDECAR")]
+    sidecar: PathBuf,
 }
 
 fn main() -> Result<()> {
@@ -64,8 +67,17 @@ fn main() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("kybernate-bench-ctd-").tempdir_in("/var/tmp")?;
     // Under the instance's directory, which is its shim's restore root.
     let checkpoints = dir.path().join("checkpoints");
+    let store = dir.path().join("store");
+    let sidecar =
+        fs::canonicalize(&args.sidecar).with_context(|| format!("the sidecar binary {}", args.sidecar.display()))?;
+    let quoted = |p: &std::path::Path| format!("{:?}", p.display().to_string());
     let options = kybernate_tests::ContainerdOptions {
-        shim_config: format!("log_level = \"info\"\ncheckpoint_dir = {:?}\n", checkpoints.display().to_string()),
+        shim_config: format!(
+            "log_level = \"info\"\ncheckpoint_dir = {}\nrestore_dir = {}\nsidecar_binary = {}\n",
+            quoted(&checkpoints),
+            quoted(&dir.path().join("restore")),
+            quoted(&sidecar)
+        ),
         ..Default::default()
     };
     let shim = fs::canonicalize(&args.shim).with_context(|| format!("the shim binary {}", args.shim.display()))?;
@@ -73,7 +85,7 @@ fn main() -> Result<()> {
     let image = containerd.import_busybox()?;
     let podman = kybernate_tests::Podman::new(&work.join("podman"))?;
     podman.load_busybox(image, &work)?;
-    let bench = Bench { work: work.clone(), hog_dir, containerd, image, podman, checkpoints };
+    let bench = Bench { work: work.clone(), hog_dir, containerd, image, podman, checkpoints, sidecar, store };
 
     let mut results = Results::default();
     eprintln!("shim memory: {} idle containers per runtime", args.idle);

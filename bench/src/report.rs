@@ -85,6 +85,14 @@ pub fn targets(results: &Results, sizes: &[u64]) -> Vec<Target> {
     for &mib in sizes {
         let lazy = m(mib, TO_RUNNING, KYB_LAZY);
         out.push(ratio_target(format!("lazy restore to running <= 0.3 s @ {mib} MiB"), lazy, Some(0.3), 1.0, true));
+        let remote = m(mib, TO_RUNNING, KYB_REMOTE_LAZY);
+        out.push(ratio_target(
+            format!("remote lazy restore to running <= 0.3 s @ {mib} MiB"),
+            remote,
+            Some(0.3),
+            1.0,
+            true,
+        ));
         out.push(ratio_target(
             format!("lazy restore to full RSS <= 1.2x a full restore @ {mib} MiB"),
             m(mib, TO_FULL_RSS, KYB_LAZY),

@@ -36,6 +36,10 @@ pub const RAW_LAZY: &str = "raw criu --lazy-pages";
 pub const KYB_STOP: &str = "kybernate stop / restore-from";
 /// Side: the same restore with `kybernate.io/restore-mode: lazy`.
 pub const KYB_LAZY: &str = "kybernate restore-from, lazy";
+/// Side: the same bundle shipped to a filesystem store (uncompressed) and restored from the archive.
+pub const KYB_REMOTE: &str = "kybernate restore-from store";
+/// Side: the same archive restored lazily: the sidecar serves its pages as CRIU asks for them.
+pub const KYB_REMOTE_LAZY: &str = "kybernate restore-from store, lazy";
 /// Side: Kybernate through `ctr c checkpoint --task` / `ctr c restore --live`.
 pub const KYB_CTR: &str = "kybernate ctr";
 /// Side: containerd's runc shim through the same `ctr` commands.
@@ -61,6 +65,10 @@ pub struct Bench {
     pub podman: Podman,
     /// Kybernate's checkpoint directory (checkpoint on stop).
     pub checkpoints: PathBuf,
+    /// The sidecar, which ships bundles to the store and which the shim fetches them with.
+    pub sidecar: PathBuf,
+    /// The filesystem store bundles are shipped to (uncompressed).
+    pub store: PathBuf,
 }
 
 impl Bench {
@@ -196,7 +204,8 @@ impl Bench {
     }
 
     /// Kybernate's checkpoint on stop (`ctr t kill` until the task stopped, + `sync`), then
-    /// `kybernate.io/restore-from` fully and lazily from the same bundle.
+    /// `kybernate.io/restore-from` fully and lazily from the same bundle, then from the same bundle
+    /// shipped to a filesystem store (fetched whole, or served page by page to a lazy restore).
     pub fn kybernate_stop(&self, mib: u64, out: &mut Results) -> Result<()> {
         let _ = fs::remove_dir_all(&self.checkpoints);
         let state = workload::state_dir(&self.work, "state-stop")?;
@@ -210,11 +219,18 @@ impl Bench {
         out.add(mib, CHECKPOINT, KYB_STOP, started.elapsed().as_secs_f64());
         self.remove("stop");
         let bundle = find_bundle(&self.checkpoints)?;
-        for (side, mode) in [(KYB_STOP, "full"), (KYB_LAZY, "lazy")] {
-            let id = format!("resume-{mode}");
+        let archive = self.ship(&bundle)?;
+        let restores = [
+            (KYB_STOP, "full", &bundle),
+            (KYB_LAZY, "lazy", &bundle),
+            (KYB_REMOTE, "full", &archive),
+            (KYB_REMOTE_LAZY, "lazy", &archive),
+        ];
+        for (i, (side, mode, from)) in restores.into_iter().enumerate() {
+            let id = format!("resume-{i}-{mode}");
             let flags = [
                 "--annotation".to_string(),
-                format!("kybernate.io/restore-from={}", bundle.display()),
+                format!("kybernate.io/restore-from={}", from.display()),
                 "--annotation".into(),
                 format!("kybernate.io/restore-mode={mode}"),
             ];
@@ -225,7 +241,30 @@ impl Bench {
             self.remove(&id);
         }
         fs::remove_dir_all(&self.checkpoints)?;
+        fs::remove_dir_all(&self.store)?;
         Ok(())
+    }
+
+    /// Ships `bundle` to the store as an uncompressed tar (untimed) and returns the archive's path.
+    fn ship(&self, bundle: &Path) -> Result<PathBuf> {
+        let _ = fs::remove_dir_all(&self.store);
+        let store = format!("file://{}", self.store.display());
+        let sidecar = |args: &[&str]| -> Result<String> {
+            let out = Command::new(&self.sidecar)
+                .arg("--checkpoint-dir")
+                .arg(&self.checkpoints)
+                .args(["--store", &store, "--compression", "none"])
+                .args(args)
+                .output()?;
+            if !out.status.success() {
+                bail!("kybernate-sidecar {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        sidecar(&["push", &path(bundle)])?;
+        let listed = sidecar(&["ls"])?;
+        let key = listed.lines().next().and_then(|l| l.split('\t').next()).context("the store lists no archive")?;
+        Ok(self.store.join(key))
     }
 
     /// Podman: `container checkpoint --export` (uncompressed, as the others) + `sync`, then
