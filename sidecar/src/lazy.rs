@@ -392,8 +392,11 @@ impl Images {
         let stream =
             serve.socket.try_clone().map_err(|e| Error::io("clone", Path::new("the page-server socket"), e))?;
         *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(serve.socket);
-        let served = page_server::serve(stream, &self.maps, self, serve.framing)
-            .map_err(|e| Error::io("serve pages", Path::new("criu lazy-pages"), io::Error::other(e)))?;
+        let served = page_server::serve(stream, &self.maps, self, serve.framing).map_err(|e| {
+            // The daemon must not wait for an answer that will not come.
+            self.close();
+            Error::io("serve pages", Path::new("criu lazy-pages"), io::Error::other(e))
+        })?;
         if !served.closed {
             return Err(Error::io(
                 "serve pages",
