@@ -75,8 +75,9 @@ pub async fn fetch_serving_pages(
         tracing::warn!(key = %info.key, "the archive is compressed, so its pages cannot be read where they lie: pulling it whole before the lazy restore starts (store it with compression = \"none\" for a remote lazy restore)");
         let dir = fetch_object(store, info, dest, opts).await?;
         let images = Images::local(&dir)?;
+        let stream = images.attach(serve.socket)?;
         ready(&dir);
-        let served = tokio::task::spawn_blocking(move || images.serve(serve))
+        let served = tokio::task::spawn_blocking(move || images.serve(stream, serve.framing))
             .await
             .map_err(|e| join_error("serve pages", e))??;
         tracing::info!(
@@ -104,6 +105,7 @@ pub async fn fetch_serving_pages(
         .map_err(|e| join_error("fetch the eager pages", e))??;
     let dir = staged.publish_without_manifest_check(&info.key)?;
     tracing::info!(bundle = %dir.display(), eager_bytes, lazy_bytes = images.total() - eager_bytes, "bundle published; serving its pages while they are fetched");
+    let stream = images.attach(serve.socket)?;
     ready(&dir);
     let filler = {
         let images = Arc::clone(&images);
@@ -111,15 +113,24 @@ pub async fn fetch_serving_pages(
     };
     let server = {
         let images = Arc::clone(&images);
-        tokio::task::spawn_blocking(move || images.serve(serve))
+        tokio::task::spawn_blocking(move || images.serve(stream, serve.framing))
     };
     let filled = filler.await.map_err(|e| join_error("fill the page images", e))?;
     if filled.is_err() {
         // The daemon must not wait on pages that will not come: end its session.
         images.close();
     }
-    filled?;
-    let served = server.await.map_err(|e| join_error("serve pages", e))??;
+    let served = server.await.map_err(|e| join_error("serve pages", e))?;
+    // The first failure explains the rest: a fill that failed ended the session, and a session that
+    // failed stopped the fill.
+    let served = match (filled, served) {
+        (Err(fill), _) => return Err(fill),
+        (Ok(_), Err(serve)) => return Err(serve),
+        (Ok(true), Ok(served)) => served,
+        (Ok(false), Ok(_)) => {
+            return Err(Error::io("fill", dest, io::Error::other("the fill stopped before every page was fetched")))
+        }
+    };
     tracing::info!(
         requests = served.requests,
         bytes = served.bytes,
@@ -249,6 +260,8 @@ struct Images {
     fetch: Option<Arc<Plaintext>>,
     maps: Vec<PageMap>,
     socket: Mutex<Option<UnixStream>>,
+    /// Set once the session is ended: the fill stops.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Images {
@@ -286,7 +299,14 @@ impl Images {
     fn new(images: BTreeMap<String, Image>, fetch: Option<Arc<Plaintext>>, image_dir: &Path) -> Result<Images> {
         let maps = PageMap::read_dir(image_dir)
             .map_err(|e| Error::io("read the page maps in", image_dir, io::Error::other(e)))?;
-        Ok(Images { images: Mutex::new(images), changed: Condvar::new(), fetch, maps, socket: Mutex::new(None) })
+        Ok(Images {
+            images: Mutex::new(images),
+            changed: Condvar::new(),
+            fetch,
+            maps,
+            socket: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Image>> {
@@ -360,8 +380,8 @@ impl Images {
     }
 
     /// Fetches every block still missing, in order, [`FILL_CONCURRENCY`] at a time, then syncs the
-    /// images.
-    fn fill(&self) -> Result<()> {
+    /// images: `true`; `false` when the session was ended first ([`Images::close`]).
+    fn fill(&self) -> Result<bool> {
         let work: Vec<(String, usize)> =
             self.lock().iter().flat_map(|(n, i)| (0..i.blocks.len()).map(move |b| (n.clone(), b))).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -371,6 +391,9 @@ impl Images {
                     s.spawn(|| loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some((name, block)) = work.get(i) else { return Ok(()) };
+                        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Ok(());
+                        }
                         self.ensure_block(name, *block)?;
                     })
                 })
@@ -381,23 +404,32 @@ impl Images {
                 })
             })
         })?;
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
         for (name, image) in self.lock().iter() {
             image.file.sync_all().map_err(|e| Error::io("fsync", Path::new(name), e))?;
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Serves the daemon on `serve.socket` until it closes its session.
-    fn serve(&self, serve: ServePages) -> Result<Served> {
-        let stream =
-            serve.socket.try_clone().map_err(|e| Error::io("clone", Path::new("the page-server socket"), e))?;
-        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(serve.socket);
-        let served = page_server::serve(stream, &self.maps, self, serve.framing).map_err(|e| {
+    /// Takes the daemon's socket, so that [`Images::close`] can end its session from any thread;
+    /// returns the stream to serve it on.
+    fn attach(&self, socket: UnixStream) -> Result<UnixStream> {
+        let stream = socket.try_clone().map_err(|e| Error::io("clone", Path::new("the page-server socket"), e))?;
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+        Ok(stream)
+    }
+
+    /// Serves the daemon on `stream` (from [`Images::attach`]) until it closes its session.
+    fn serve(&self, stream: UnixStream, framing: Framing) -> Result<Served> {
+        let served = page_server::serve(stream, &self.maps, self, framing).map_err(|e| {
             // The daemon must not wait for an answer that will not come.
             self.close();
             Error::io("serve pages", Path::new("criu lazy-pages"), io::Error::other(e))
         })?;
         if !served.closed {
+            self.close();
             return Err(Error::io(
                 "serve pages",
                 Path::new("criu lazy-pages"),
@@ -411,6 +443,7 @@ impl Images {
 
     /// Ends the daemon's session (it then fails, and the container with it).
     fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(socket) = self.socket.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
         }
