@@ -65,11 +65,27 @@ fn restore(c: &Containerd, image: &str, id: &str, bundle: &Path, annotations: &[
 
 /// Waits until containerd's log (which carries the shim's) holds a line with every one of `needles`.
 fn wait_log(c: &Containerd, needles: &[&str]) -> String {
-    wait_for(&format!("a log line with {needles:?}"), TIMEOUT, || {
+    wait_log_within(c, needles, TIMEOUT)
+}
+
+/// [`wait_log`] with its own bound.
+fn wait_log_within(c: &Containerd, needles: &[&str], within: Duration) -> String {
+    wait_for(&format!("a log line with {needles:?}"), within, || {
         let log = fs::read_to_string(&c.log).ok()?;
         log.lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail(40)))
+}
+
+/// How long a remote lazy restore may take to fetch every page and hash it: the sidecar's reads of the
+/// store and the shim's hashing (unoptimized in tests) share two cores with the other tests' workloads.
+const REMOTE_FILL: Duration = Duration::from_secs(300);
+
+/// Waits until no sidecar serves pages into `c`'s restore directory any more.
+fn wait_sidecars_gone(c: &Containerd) {
+    let restores = c.dir.path().join("restore").display().to_string();
+    wait_for("the sidecar serving pages to exit", TIMEOUT, || pids_with_arg(&restores).is_empty().then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: {:?}", pids_with_arg(&restores)));
 }
 
 /// The lazy-pages daemons serving `bundle`.
@@ -209,19 +225,9 @@ fn sidecar_wrapper(c: &Containerd, flags: &[String], env: &[(&str, String)]) -> 
     wrapper
 }
 
-/// Pushes `bundle` (of a [`MEMORY_CHECKER`] that counted to `last`) to the store of `wrapper`
-/// (`store_url`), removes the node's copy, and checks that a lazy restore of the archive as `id` runs
-/// while the sidecar serves its pages: the bundle is published before the restore, every page comes
-/// in and verifies, the memory is intact, and the sidecar exits once every page is on disk.
-fn assert_remote_lazy_restore(
-    c: &Containerd,
-    image: &str,
-    wrapper: &Path,
-    store_url: &str,
-    bundle: &Path,
-    last: u64,
-    id: &str,
-) {
+/// Pushes `bundle` to the store of `wrapper` (`store_url`) as the one archive there, removes the
+/// node's copy, and returns the archive's reference.
+fn ship(c: &Containerd, wrapper: &Path, store_url: &str, bundle: &Path) -> String {
     let push = std::process::Command::new(wrapper)
         .arg("--checkpoint-dir")
         .arg(checkpoint_root(c))
@@ -237,11 +243,26 @@ fn assert_remote_lazy_restore(
     assert_eq!(keys.len(), 1, "one archive in the store: {keys:?}");
     assert!(!keys[0].contains(".zst"), "stored uncompressed: {keys:?}");
     fs::remove_dir_all(bundle).unwrap();
-    let reference = match store_url.strip_prefix("file://") {
+    match store_url.strip_prefix("file://") {
         Some(dir) => format!("{dir}/{}", keys[0]),
         None => format!("{store_url}/{}", keys[0]),
-    };
+    }
+}
 
+/// Ships `bundle` (of a [`MEMORY_CHECKER`] that counted to `last`) with [`ship`], and checks that a
+/// lazy restore of the archive as `id` runs while the sidecar serves its pages: the bundle is
+/// published before the restore, every page comes in and verifies, the memory is intact, and the
+/// sidecar exits once every page is on disk.
+fn assert_remote_lazy_restore(
+    c: &Containerd,
+    image: &str,
+    wrapper: &Path,
+    store_url: &str,
+    bundle: &Path,
+    last: u64,
+    id: &str,
+) {
+    let reference = ship(c, wrapper, store_url, bundle);
     restore(c, image, id, Path::new(&reference), &[LAZY]);
     let with_id = format!("id={id}");
     let published =
@@ -250,14 +271,14 @@ fn assert_remote_lazy_restore(
     assert!(!restored.contains("lazy_page_server=None"), "{restored}");
     let log = fs::read_to_string(&c.log).unwrap();
     assert!(log.find(&published) < log.find(&restored), "the bundle is published before the restore");
-    wait_log(c, &["lazy restore: every page is in and verified", &with_id]);
+    wait_log_within(c, &["lazy restore: every page is in and verified", &with_id], REMOTE_FILL);
     let after = wait_for("two memory checks after the restore", TIMEOUT, || {
         memory_state(c, id).filter(|(round, _)| *round >= last + 2)
     })
     .unwrap();
     assert!(after.1, "the memory served from the store differs from the checkpointed one: {after:?}");
     assert_eq!(c.task_status(id).as_deref(), Some("RUNNING"));
-    assert!(pids_with_arg("--serve-pages").is_empty(), "the sidecar exits once every page is on disk");
+    wait_sidecars_gone(c);
     remove_task(c, id);
 }
 
@@ -298,4 +319,26 @@ fn an_s3_archive_is_restored_lazily_with_ranged_gets() {
     let wrapper = sidecar_wrapper(&c, &uncompressed(&store), &s3.sidecar_env());
     let (bundle, last) = bundle_of(&c, image, "src", MEMORY_CHECKER);
     assert_remote_lazy_restore(&c, image, &wrapper, &store, &bundle, last, "from-s3");
+}
+
+#[test]
+fn a_store_that_fails_mid_fill_gets_the_remotely_restored_container_killed() {
+    let mut s3 = kybernate_tests::s3::S3Server::start();
+    let (c, image) = setup_with(REMOTE);
+    let store = format!("s3://{}", kybernate_tests::s3::BUCKET);
+    // One attempt per request: the fill fails as soon as the store refuses the connection.
+    let mut env = s3.sidecar_env();
+    env.push(("KYBERNATE_S3_MAX_ATTEMPTS", "1".into()));
+    let wrapper = sidecar_wrapper(&c, &uncompressed(&store), &env);
+    let (bundle, _) = bundle_of(&c, image, "big", BIG_MEMORY);
+    let reference = ship(&c, &wrapper, &store, &bundle);
+    restore(&c, image, "cut", Path::new(&reference), &[LAZY]);
+    // The 512 MiB are still being fetched when the store goes away.
+    wait_log(&c, &["bundle published; its pages are served as the lazy restore asks for them", "id=cut"]);
+    s3.stop();
+    c.wait_task_status("cut", "STOPPED", TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail(40)));
+    assert_eq!(exit_status(&c, "cut"), 137, "the container is killed, not left waiting on pages that will not come");
+    wait_log(&c, &["lazy restore failed after the container started; it was killed", "id=cut"]);
+    wait_sidecars_gone(&c);
+    remove_task(&c, "cut");
 }
