@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
@@ -21,6 +22,25 @@ pub trait SpawnHook: Send + Sync {
     /// The child started after the matching [`SpawnHook::enter`] has been waited for (or never
     /// started).
     fn leave(&self);
+}
+
+/// Hands `fd` to `cmd`'s child as descriptor `as_fd` (without close-on-exec), and to no one else.
+/// The command owns `fd` until it is dropped: drop it once the child is spawned, so that this
+/// process keeps no copy (a peer then sees the connection end when the child does).
+pub fn pass_fd(cmd: &mut Command, fd: OwnedFd, as_fd: RawFd) {
+    let raw = fd.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls are made (fcntl, dup2); `fd` lives
+    // in the closure, so `raw` is open until the command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _owned = &fd;
+            let done = if raw == as_fd { libc::fcntl(raw, libc::F_SETFD, 0) } else { libc::dup2(raw, as_fd) };
+            if done < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// How the library starts children: plainly, or inside a [`SpawnHook`]'s span.

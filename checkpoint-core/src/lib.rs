@@ -56,7 +56,7 @@ pub use container::{
 };
 pub use criu::{Criu, CriuInfo, CriuVersion, Feature};
 pub use error::{Error, GpuStep, Result, ToolFailure};
-pub use exec::{SpawnHook, Spawner};
+pub use exec::{pass_fd, SpawnHook, Spawner};
 pub use options::{CgroupsMode, CheckpointOptions, CriuFlags, EmptyNamespace, RestoreOptions, DEFAULT_RESTORE_TIMEOUT};
 pub use process::{checkpoint_process, restore_process};
 pub use report::{CheckpointReport, CheckpointTimings, RestoreReport, RestoreTimings};

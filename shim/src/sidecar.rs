@@ -5,11 +5,10 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,13 +75,19 @@ struct ServingPull {
 }
 
 impl ServingPull {
-    /// Waits for the pull to end: `Ok` once it has written every page and the daemon had all it asked
-    /// for.
-    fn finish(mut self) -> checkpoint_core::Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+    /// Waits for the sidecar to exit: its exit status and its stderr; `None` once it was waited for.
+    fn end(&mut self) -> Option<(std::io::Result<ExitStatus>, String)> {
+        let mut child = self.child.take()?;
         let status = child.wait();
         self.reaper.leave();
         let said = self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        Some((status, said))
+    }
+
+    /// Waits for the pull to end: `Ok` once it has written every page and the daemon had all it asked
+    /// for.
+    fn finish(mut self) -> checkpoint_core::Result<()> {
+        let Some((status, said)) = self.end() else { return Ok(()) };
         match status {
             Ok(s) if s.success() => Ok(()),
             Ok(s) => Err(checkpoint_core::Error::io(
@@ -125,20 +130,11 @@ pub fn pull_serving_pages<S: AsRef<OsStr>>(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let fd = theirs.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let done = if fd == SERVE_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, SERVE_FD) };
-            if done < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    checkpoint_core::pass_fd(&mut cmd, OwnedFd::from(theirs), SERVE_FD);
     reaper.enter();
     let spawned = cmd.spawn();
-    drop(theirs);
+    // The command holds this side's copy of the sidecar's end.
+    drop(cmd);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -176,10 +172,7 @@ pub fn pull_serving_pages<S: AsRef<OsStr>>(
         Err(RecvTimeoutError::Disconnected) => String::new(),
     };
     if line.is_empty() {
-        let failed = pull.child.take().map(|mut c| c.wait());
-        pull.reaper.leave();
-        let said = pull.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
-        let status = failed.and_then(|s| s.ok());
+        let (status, said) = pull.end().map(|(status, said)| (status.ok(), said)).unwrap_or_default();
         return Ok(Err(SidecarRun {
             code: status.and_then(|s| s.code()),
             status: status.map(|s| s.to_string()).unwrap_or_else(|| "lost".into()),

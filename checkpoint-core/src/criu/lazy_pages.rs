@@ -10,7 +10,6 @@
 //! kill the workload then (see [`LazyPageServer::wait`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -77,24 +76,7 @@ impl LazyPageServer {
             .stderr(Stdio::null());
         if let PageSupply::Server(socket) = supply {
             cmd.args(["--page-server", "--ps-socket", &PS_SOCKET_FD.to_string()]);
-            let fd = socket.as_raw_fd();
-            // SAFETY: dup2 is async-signal-safe; the duplicate (without close-on-exec) is the only
-            // descriptor the daemon inherits from it, and `socket` outlives the spawn (it moves
-            // into the closure, dropped with the command).
-            unsafe {
-                cmd.pre_exec(move || {
-                    let _keep = &socket;
-                    let done = if fd == PS_SOCKET_FD {
-                        libc::fcntl(fd, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(fd, PS_SOCKET_FD)
-                    };
-                    if done < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::exec::pass_fd(&mut cmd, socket, PS_SOCKET_FD);
         }
         let (started, spawned) = mpsc::channel();
         let spawner = criu.spawner().clone();
