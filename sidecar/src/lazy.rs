@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
+use checkpoint_core::bundle::{is_page_image, BundleLayout};
 use checkpoint_core::criu::page_server::{self, Framing, PageSource, Served};
 use checkpoint_core::criu::pagemap::{eager_ranges, PageMap};
 use tokio::runtime::Handle;
@@ -91,7 +92,9 @@ pub async fn fetch_serving_pages(
     let reader = Ranged::new(Arc::clone(&plain));
     let (limits, key, dest_owned) = (opts.limits, info.key.clone(), dest.to_path_buf());
     let (staged, deferred) = tokio::task::spawn_blocking(move || {
-        extract::stage_deferring(reader, &dest_owned, &limits, &key, &|rel: &Path| is_pages_image(rel))
+        extract::stage_deferring(reader, &dest_owned, &limits, &key, &|rel: &Path| {
+            is_page_image(&rel.to_string_lossy())
+        })
     })
     .await
     .map_err(|e| join_error("walk the archive", e))??;
@@ -137,11 +140,6 @@ pub async fn fetch_serving_pages(
         "every page is on disk and the lazy restore has every page it asked for"
     );
     Ok(dir)
-}
-
-/// Whether `rel` names a CRIU page image.
-fn is_pages_image(rel: &Path) -> bool {
-    rel.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"))
 }
 
 /// Bytes of an archive's tar stream at any offset, blocking: ranged reads of the object, through its
@@ -282,18 +280,16 @@ impl Images {
     /// the archive's tar stream `plain`.
     fn deferred(staging: &Path, deferred: &[Deferred], plain: Arc<Plaintext>) -> Result<Images> {
         let mut images = BTreeMap::new();
-        let mut image_dir = None;
         for d in deferred {
             let path = staging.join(&d.rel);
             let file = File::options().read(true).write(true).open(&path).map_err(|e| Error::io("open", &path, e))?;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            image_dir.get_or_insert_with(|| path.parent().unwrap_or(staging).to_path_buf());
             images.insert(
                 name,
                 Image { file, size: d.size, archive_offset: d.offset, blocks: vec![Block::Missing; blocks_in(d.size)] },
             );
         }
-        Images::new(images, Some(plain), &image_dir.unwrap_or_else(|| image_dir_of(staging)))
+        Images::new(images, Some(plain), &image_dir_of(staging))
     }
 
     fn new(images: BTreeMap<String, Image>, fetch: Option<Arc<Plaintext>>, image_dir: &Path) -> Result<Images> {
@@ -474,14 +470,9 @@ fn blocks_in(size: u64) -> usize {
     size.div_ceil(BLOCK_SIZE) as usize
 }
 
-/// The image directory of a bundle directory (either layout).
+/// The image directory of a bundle directory, in either layout (where its inventory image is).
 fn image_dir_of(dir: &Path) -> PathBuf {
-    let nested = dir.join(checkpoint_core::bundle::CHECKPOINT_DIR);
-    if nested.is_dir() {
-        nested
-    } else {
-        dir.to_path_buf()
-    }
+    BundleLayout::detect(dir).map_or_else(|| dir.to_path_buf(), |layout| layout.image_dir(dir))
 }
 
 /// The page images in `image_dir`.
@@ -490,7 +481,7 @@ fn page_image_names(image_dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(image_dir).map_err(listing)? {
         let name = entry.map_err(listing)?.file_name().to_string_lossy().into_owned();
-        if is_pages_image(Path::new(&name)) {
+        if is_page_image(&name) {
             names.push(name);
         }
     }
