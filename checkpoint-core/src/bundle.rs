@@ -630,6 +630,15 @@ impl DeferredHashes {
     }
 }
 
+#[cfg(test)]
+impl DeferredHashes {
+    /// Deferred hashes of `files` in `dir` as they are now.
+    pub(crate) fn for_test(dir: &Path, files: &[&str]) -> DeferredHashes {
+        let files = files.iter().map(|f| (f.to_string(), hash_file(&dir.join(f), false, None).unwrap())).collect();
+        DeferredHashes { dir: dir.to_path_buf(), files }
+    }
+}
+
 fn verify_sealed(
     dir: &Path,
     trust: Option<&TrustedKeys>,

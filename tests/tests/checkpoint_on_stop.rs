@@ -50,6 +50,9 @@ fn kill_checkpoints_an_opted_in_container_and_a_new_one_resumes_from_it() {
     }
     assert!(!seen.is_empty() && seen.iter().all(|v| *v >= last), "restarted instead of resumed: last {last}, {seen:?}");
     assert!(seen.last().unwrap() > &last, "the restored counter does not advance: {seen:?}");
+    // Its page images were hashed while CRIU restored them, and CRIU waited at the restore gate.
+    let log = fs::read_to_string(&c.log).unwrap();
+    assert!(log.contains("page images verified while CRIU restored them id=ck1b"), "{}", c.log_tail(40));
     remove_task(&c, "ck1b");
     // The restore read the bundle only: it still verifies.
     bundle::verify(&bundle_dir).unwrap();
@@ -115,15 +118,31 @@ fn a_budget_spent_before_the_dump_abandons_the_checkpoint_and_the_container_stop
 fn a_corrupt_bundle_is_refused_clearly_or_skipped_with_fallback_fresh() {
     let (c, image) = setup_with(CHECKPOINTS);
     let (bundle_dir, last) = checkpointed_bundle(&c, image, "src");
-    corrupt_pages(&bundle_dir);
+    let (pages, _) = corrupt_pages(&bundle_dir);
+    let pages = pages.file_name().unwrap().to_string_lossy().to_string();
 
+    // Create verifies everything but the page images; Start hashes them while CRIU restores them and
+    // the restore gate aborts the restore before the processes run.
     let restore = format!("kybernate.io/restore-from={}", bundle_dir.display());
     let out = ctr_run(&c, &["-d", "--annotation", &restore], image, "bad", &["sh", "-c", COUNTER_SCRIPT]).unwrap();
     let text = format!("{}{}", out.stdout, out.stderr);
-    assert_ne!(out.code, Some(0), "{text}");
-    assert!(text.contains("sha256") && text.contains("fallback-fresh"), "unclear error: {text}");
-    assert_eq!(c.task_status("bad"), None, "a task was left behind");
-    let _ = c.ctr_run(&["containers", "rm", "bad"], TIMEOUT);
+    assert_eq!(out.code, Some(1), "{text}");
+    for part in [
+        format!(
+            "container bad cannot be restored: checkpoint bundle {} is unusable: checkpoint/{pages} does not match its sha256",
+            bundle_dir.display()
+        ),
+        "CRIU restored the processes but held them before they ran, and the restore was aborted".to_string(),
+        "kybernate.io/restore-policy: fallback-fresh".to_string(),
+    ] {
+        assert!(text.contains(&part), "the error lacks {part:?}: {text}");
+    }
+    // The task was created and never started; it deletes cleanly and leaves no runc container.
+    assert_eq!(c.task_status("bad").as_deref(), Some("CREATED"));
+    assert!(!c.runc_containers().contains(&"bad".to_string()), "{:?}", c.runc_containers());
+    c.ctr_ok(&["tasks", "rm", "bad"]).unwrap();
+    c.ctr_ok(&["containers", "rm", "bad"]).unwrap();
+    assert_eq!(c.task_status("bad"), None);
 
     let flags = ["-d", "--annotation", &restore, "--annotation", "kybernate.io/restore-policy=fallback-fresh"];
     ctr_run(&c, &flags, image, "fresh", &["sh", "-c", COUNTER_SCRIPT]).unwrap().ok("ctr run fallback-fresh").unwrap();

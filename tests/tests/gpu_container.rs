@@ -155,6 +155,7 @@ fn open(out: &Path, ctx: Arc<GpuContext>) -> checkpoint_core::Result<RestorableB
         accept_unsealed: false,
         accept_partial: false,
         lazy: false,
+        hold: false,
         gpu: &gpu,
         gpu_match: GpuMatch::default(),
         trust: &trust,
@@ -173,6 +174,7 @@ fn target(dir: &Path, container: &RuncContainer) -> RestoreTarget {
         pid_file: None,
         console_socket: None,
         no_pivot: false,
+        gate_program: None,
     }
 }
 

@@ -51,6 +51,7 @@ fn container_is_checkpointed_and_restored_with_its_state() {
         console_socket: None,
         no_pivot: false,
         lazy_pages: false,
+        restore_gate: None,
     };
     let restored = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap();
     let restored = RuncContainer::adopt(runc.root().unwrap(), "ck-restore", &container.bundle, restored.pid);
@@ -155,6 +156,7 @@ fn restore_of_a_corrupt_image_fails_and_leaves_nothing_behind() {
         console_socket: None,
         no_pivot: false,
         lazy_pages: false,
+        restore_gate: None,
     };
     let err = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap_err();
     let text = err.to_string();
@@ -221,6 +223,7 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
         accept_unsealed: false,
         accept_partial: false,
         lazy: false,
+        hold: false,
         gpu: &no_gpu,
         gpu_match: Default::default(),
         trust: &trust,
@@ -235,6 +238,7 @@ fn checkpoint_and_restore_carry_systemd_cgroup_and_the_log_to_every_runc_call() 
         pid_file: None,
         console_socket: None,
         no_pivot: false,
+        gate_program: None,
     };
     let report = restore_container_bundle(&runc, &criu, &opened, &target, ChildStdio::default()).unwrap().report;
     let restored = RuncContainer::adopt(plain.root().unwrap(), "ck-systemd", &container.bundle, report.pid);
@@ -320,6 +324,7 @@ fn restore_bundle_with(
         accept_unsealed: false,
         accept_partial: partial,
         lazy: false,
+        hold: false,
         gpu: &no_gpu,
         gpu_match: Default::default(),
         trust: &trust,
@@ -334,6 +339,7 @@ fn restore_bundle_with(
         pid_file: None,
         console_socket: None,
         no_pivot: false,
+        gate_program: None,
     };
     let report = restore_container_bundle(runc, criu, &opened, &target, ChildStdio::default()).unwrap().report;
     RuncContainer::adopt(runc.root().unwrap(), &container.id, &container.bundle, report.pid)

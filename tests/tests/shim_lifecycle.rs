@@ -301,14 +301,20 @@ fn restore_of_a_corrupt_checkpoint_fails_and_leaves_nothing() {
     let blob = c.blob(&c.index_entry("src-image", CRIU_TAR).unwrap());
     corrupt_in_tar(&blob, "pages-1.img").unwrap();
 
+    // Create verifies everything but the page images; Start hashes them while CRIU restores them,
+    // and the restore gate aborts the restore before the processes run.
     let out = c.ctr_run(&["containers", "restore", "--live", "bad", "src-image"], TIMEOUT).unwrap();
-    assert_ne!(out.code, Some(0), "{out:?}");
-    assert!(out.stderr.contains("cannot be restored"), "{out:?}");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("container bad cannot be restored"), "{out:?}");
     assert!(out.stderr.contains("pages-1.img does not match its sha256"), "{out:?}");
+    assert!(out.stderr.contains("held them before they ran, and the restore was aborted"), "{out:?}");
 
-    // Nothing half-created: no task, no runc container, no shim, no rootfs mount.
-    assert_eq!(c.task_status("bad"), None);
+    // Nothing half-created: the task never started and deletes cleanly; no runc container, no shim,
+    // no rootfs mount.
+    assert_eq!(c.task_status("bad").as_deref(), Some("CREATED"));
     assert!(!c.runc_containers().contains(&"bad".to_string()), "{:?}", c.runc_containers());
+    c.ctr_ok(&["tasks", "rm", "bad"]).unwrap();
+    assert_eq!(c.task_status("bad"), None);
     wait_for("the shim of the failed restore to exit", TIMEOUT, || c.shim_pids_for("bad").is_empty().then_some(()))
         .unwrap();
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();

@@ -10,11 +10,13 @@
 //! [`checkpoint_container_bundle`] each; a restore is [`open_container_bundle`] at Create, then
 //! [`RestorableBundle::apply_writable_layer`] and [`RestorableBundle::fit_spec`] once the
 //! rootfs is mounted, then
-//! [`restore_container_bundle`] at Start.
+//! [`restore_container_bundle`] at Start. A full restore hashes the page images while CRIU restores
+//! them and holds the restored tasks until they match ([`restore_gate`]).
 
 mod checkpoint;
 mod mounts;
 mod restore;
+pub mod restore_gate;
 
 pub use checkpoint::{checkpoint_container_bundle, BundleReport, ConfigDump, ContainerCheckpoint};
 pub use mounts::{MappedMount, DEVSHM_TAR, PLACEHOLDER_DIR};

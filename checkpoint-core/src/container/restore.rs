@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::mounts::MappedMount;
+use super::restore_gate::{GateOutcome, RestoreGate};
 use crate::bundle::{self, BundleLayout, DeferredHashes, Manifest, MANIFEST_FILE};
 use crate::criu::lazy_pages::{LazyPageServer, PageSupply};
 use crate::criu::{Criu, Feature};
@@ -45,6 +46,12 @@ pub struct OpenOptions<'a> {
     /// kernel has non-cooperative userfaultfd and the bundle holds no GPU state. Otherwise, or when
     /// `false`, the restore is full, and the reason is logged.
     pub lazy: bool,
+    /// For a full restore of a sealed bundle, hash its page images while CRIU restores them and hold
+    /// the restored tasks before they resume until every one matches ([`super::restore_gate`]),
+    /// instead of hashing them before CRIU starts. A mismatch then fails the Start rather than the
+    /// open. The restore needs a gate program ([`RestoreTarget::gate_program`]); without one the
+    /// page images are hashed when [`restore_container_bundle`] begins.
+    pub hold: bool,
 }
 
 /// Who a bundle is restored for (see [`crate::tenant`]).
@@ -82,6 +89,10 @@ pub struct RestorableBundle {
     /// their size only, are checked while the page server reads them (a mismatch kills the
     /// container); everything else was verified before anything reached CRIU.
     pub lazy: Option<DeferredHashes>,
+    /// `Some` when it is restored fully with its page images' hashes (checked for their size only)
+    /// checked while CRIU restores them, the restored tasks held until they match
+    /// ([`OpenOptions::hold`]).
+    pub held: Option<DeferredHashes>,
     /// Where a lazy restore's pages come from when the page images are still arriving
     /// ([`RestorableBundle::feed_pages`]); the images themselves otherwise.
     feed: Mutex<Option<PageFeed>>,
@@ -228,7 +239,7 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
             tracing::warn!(bundle = %dir.display(), %missing, "restoring a partial checkpoint (allow-partial)");
             partial = Some(missing);
             (manifest, provenance.unwrap_or(Provenance::Unsigned))
-        } else if lazy {
+        } else if lazy || opts.hold {
             let (manifest, provenance, pages) = bundle::verify_trusted_deferring_pages(dir, opts.trust)?;
             deferred = Some(pages);
             (manifest, provenance)
@@ -277,6 +288,7 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
         (true, None) => Some(deferred.take().unwrap_or_default()),
         (false, _) => None,
     };
+    let held = if opts.hold { deferred.take() } else { None };
     if let Some(pages) = deferred {
         pages.verify()?;
     }
@@ -289,6 +301,7 @@ pub fn open_container_bundle(dir: &Path, criu: &Criu, opts: &OpenOptions<'_>) ->
         partial,
         provenance,
         lazy,
+        held,
         feed: Mutex::new(None),
     })
 }
@@ -374,6 +387,11 @@ pub struct RestoreTarget {
     pub console_socket: Option<PathBuf>,
     /// Do not use pivot_root (rootfs on a ramdisk).
     pub no_pivot: bool,
+    /// The program CRIU runs as its action script to hold a restore whose page images are still
+    /// being hashed ([`RestorableBundle::held`]): a binary that calls
+    /// [`super::restore_gate::action_script_main`] first thing. Without one they are hashed before
+    /// `runc restore` starts.
+    pub gate_program: Option<PathBuf>,
 }
 
 /// A restored container.
@@ -452,6 +470,46 @@ fn supervise_fill(
     Ok(LazyFill { daemon, done })
 }
 
+/// What a gated restore ([`RestorableBundle::held`]) comes to once runc returned with `restored`:
+/// the restore when every page image matched; the mismatch otherwise, with the container removed if
+/// CRIU let it run without asking the gate.
+fn through_gate(
+    runc: &Runc,
+    req: &ContainerRestore,
+    gate: RestoreGate,
+    restored: Result<RestoreReport>,
+) -> Result<RestoreReport> {
+    let with = |error: Error, what: String| match error {
+        Error::Bundle { path, reason } => Error::Bundle { path, reason: format!("{reason}; {what}") },
+        other => other,
+    };
+    match (gate.finish(), restored) {
+        (GateOutcome::Verified { asked }, Ok(report)) => {
+            if asked {
+                tracing::info!(id = %req.id, "page images verified while CRIU restored them");
+            } else {
+                tracing::warn!(id = %req.id, "page images verified, but CRIU did not run the restore gate before the tasks resumed: its post-restore action script was not run (a CRIU that ignores action-script in its configuration under runc)");
+            }
+            Ok(report)
+        }
+        (GateOutcome::Verified { .. }, Err(e)) => Err(e),
+        (GateOutcome::Refused { error, asked: true }, _) => Err(with(
+            error,
+            "CRIU restored the processes but held them before they ran, and the restore was aborted".into(),
+        )),
+        (GateOutcome::Refused { error, asked: false }, Ok(_)) => {
+            let removed = runc.remove_failed(&req.id);
+            Err(with(
+                error,
+                format!(
+                    "CRIU did not hold the restored processes at the gate, so the container was removed ({removed})"
+                ),
+            ))
+        }
+        (GateOutcome::Refused { error, asked: false }, Err(_)) => Err(error),
+    }
+}
+
 /// Restores `bundle` (opened with [`open_container_bundle`], its writable layer applied) into
 /// `target`: `runc restore --detach` with the dump's CRIU flags and the given stdio, then — when the
 /// bundle holds GPU state — the GPU restore and unlock of each GPU process (see
@@ -481,6 +539,7 @@ pub fn restore_container_bundle(
         console_socket: target.console_socket.clone(),
         no_pivot: target.no_pivot,
         lazy_pages: bundle.lazy.is_some(),
+        restore_gate: None,
     };
     let feed = bundle.feed.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (server, finished) = match (&bundle.lazy, feed) {
@@ -494,7 +553,24 @@ pub fn restore_container_bundle(
         }
         (None, _) => (None, None),
     };
-    let report = match restore_container(runc, criu, &req, stdio) {
+    let gate = match (&bundle.held, &target.gate_program) {
+        (Some(pages), Some(program)) => {
+            let work_dir = crate::fsutil::work_dir_or(&target.work_dir, &req.image_dir);
+            Some(RestoreGate::arm(&target.bundle, &work_dir, program, pages.clone())?)
+        }
+        (Some(pages), None) => {
+            pages.verify()?;
+            None
+        }
+        (None, _) => None,
+    };
+    let req = ContainerRestore { restore_gate: gate.as_ref().map(|g| g.dir().to_path_buf()), ..req };
+    let restored = restore_container(runc, criu, &req, stdio);
+    let restored = match gate {
+        Some(gate) => through_gate(runc, &req, gate, restored),
+        None => restored,
+    };
+    let report = match restored {
         Ok(report) => report,
         Err(e) => {
             if let Some(server) = server {

@@ -30,6 +30,9 @@ pub struct ContainerRestore {
     /// Restore memory lazily (`--lazy-pages`): a `criu lazy-pages` daemon must listen in the work
     /// directory (see [`crate::criu::lazy_pages`]).
     pub lazy_pages: bool,
+    /// The directory of a restore gate ([`crate::container::restore_gate`]), handed to CRIU's action
+    /// script in its environment.
+    pub restore_gate: Option<PathBuf>,
 }
 
 /// Restores a container with `runc restore --detach`; returns once it runs.
@@ -80,6 +83,9 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, stdio
     }
     if req.lazy_pages {
         cmd.arg("--lazy-pages");
+    }
+    if let Some(gate) = &req.restore_gate {
+        cmd.env(crate::container::restore_gate::GATE_ENV, gate);
     }
     cmd.arg(&req.id);
     stdio.apply(&mut cmd);

@@ -59,6 +59,10 @@ pub(super) struct Restoring<'a> {
     /// Whether the restore is lazy where the node and bundle allow it (`kybernate.io/restore-mode`,
     /// else the config's `restore_mode`).
     pub lazy: bool,
+    /// Whether a full restore's page images are verified while CRIU restores them, the tasks held
+    /// until they match (a mismatch fails the Start): unless `kybernate.io/restore-policy:
+    /// fallback-fresh`, which needs every hash checked at Create to start fresh instead.
+    pub hold: bool,
 }
 
 impl<'a> Restoring<'a> {
@@ -71,7 +75,8 @@ impl<'a> Restoring<'a> {
             ..Default::default()
         };
         let lazy = crate::annotations::restore_mode(spec, config)? == RestoreMode::Lazy;
-        Ok(Restoring { target: Tenant::of(&identity), reference, grant: spec.annotation(RESTORE_GRANT), lazy })
+        let hold = restore_policy(spec)? != Some(RestorePolicy::FallbackFresh);
+        Ok(Restoring { target: Tenant::of(&identity), reference, grant: spec.annotation(RESTORE_GRANT), lazy, hold })
     }
 }
 
@@ -174,6 +179,7 @@ pub(super) fn open(
         trust: &trust,
         tenant: Some(tenant),
         lazy: restoring.lazy,
+        hold: restoring.hold,
     };
     Ok(open_container_bundle(dir, criu, &opts)?)
 }

@@ -8,6 +8,7 @@ use checkpoint_core::{restore_container_bundle, RestorableBundle, RestoreTarget}
 
 use super::create::{CONSOLE_TIMEOUT, INIT_PID_FILE};
 use super::state::Container;
+use crate::annotations::RESTORE_POLICY;
 use crate::error::{Result, ShimError};
 use crate::events::TaskEvent;
 use crate::io::ConsoleSocket;
@@ -56,6 +57,9 @@ impl Container {
             pid_file: Some(self.bundle.join(INIT_PID_FILE)),
             console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
             no_pivot: self.flags.no_pivot,
+            // CRIU runs this binary as its action script to hold a restore until the page images
+            // are verified (`main` hands it to checkpoint-core's restore gate).
+            gate_program: std::env::current_exe().ok(),
         };
         let restored = restore_container_bundle(&self.runc, &self.criu, bundle, &target, io.take_child_stdio())
             .map_err(|e| {
@@ -68,6 +72,12 @@ impl Container {
                             bundle.image_dir().display()
                         ))
                     }
+                    // A page image that did not match, found while CRIU restored it (the restore gate).
+                    e @ checkpoint_core::Error::Bundle { .. } => ShimError::FailedPrecondition(format!(
+                        "container {} cannot be restored: {e}; fix or replace the bundle, or set {RESTORE_POLICY}: \
+                         fallback-fresh to start fresh when it cannot be restored",
+                        self.id
+                    )),
                     e => ShimError::from(e),
                 }
             })?;
