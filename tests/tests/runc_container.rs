@@ -51,7 +51,7 @@ fn container_is_checkpointed_and_restored_with_its_state() {
         console_socket: None,
         no_pivot: false,
         lazy_pages: false,
-        restore_gate: None,
+        env: Vec::new(),
     };
     let restored = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap();
     let restored = RuncContainer::adopt(runc.root().unwrap(), "ck-restore", &container.bundle, restored.pid);
@@ -156,7 +156,7 @@ fn restore_of_a_corrupt_image_fails_and_leaves_nothing_behind() {
         console_socket: None,
         no_pivot: false,
         lazy_pages: false,
-        restore_gate: None,
+        env: Vec::new(),
     };
     let err = restore_container(&runc, &criu, &req, ChildStdio::default()).unwrap_err();
     let text = err.to_string();

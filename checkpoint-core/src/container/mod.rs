@@ -14,13 +14,15 @@
 //! them and holds the restored tasks until they match ([`restore_gate`]).
 
 mod checkpoint;
+mod criu_config;
 mod mounts;
 mod restore;
 pub mod restore_gate;
 
 pub use checkpoint::{checkpoint_container_bundle, BundleReport, ConfigDump, ContainerCheckpoint};
+pub use criu_config::CRIU_CONFIG_ANNOTATION;
 pub use mounts::{MappedMount, DEVSHM_TAR, PLACEHOLDER_DIR};
 pub use restore::{
     check_host, open_container_bundle, restore_container_bundle, LazyFill, OpenOptions, PageFeed, RestorableBundle,
-    RestoreTarget, Restored, TenantCheck, CRIU_CONFIG_ANNOTATION, FOREIGN_CRIU_CONFIG,
+    RestoreTarget, Restored, TenantCheck, FOREIGN_CRIU_CONFIG,
 };

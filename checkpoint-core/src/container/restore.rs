@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::criu_config;
 use super::mounts::MappedMount;
 use super::restore_gate::{GateOutcome, RestoreGate};
 use crate::bundle::{self, BundleLayout, DeferredHashes, Manifest, MANIFEST_FILE};
@@ -172,18 +173,11 @@ impl RestorableBundle {
         let mut config = super::mounts::read_json(&path)?;
         let before = config.clone();
         let mapped = super::mounts::add_expected_mounts(&self.dir, &mut config, oci_bundle, rootfs)?;
-        if self.manifest.is_none() {
-            let annotations = config
-                .as_object_mut()
-                .map(|spec| spec.entry("annotations").or_insert_with(|| serde_json::json!({})))
-                .and_then(serde_json::Value::as_object_mut)
-                .ok_or_else(|| Error::Bundle { path: path.clone(), reason: "it is not an OCI spec object".into() })?;
-            if !annotations.contains_key(CRIU_CONFIG_ANNOTATION) {
-                let conf = oci_bundle.join(FOREIGN_CRIU_CONFIG);
-                std::fs::write(&conf, "skip-file-rwx-check\n")
-                    .map_err(|e| Error::io(format!("writing {}", conf.display()), e))?;
-                annotations.insert(CRIU_CONFIG_ANNOTATION.into(), conf.display().to_string().into());
-            }
+        if self.manifest.is_none() && criu_config::named(&config).is_none() {
+            let conf = oci_bundle.join(FOREIGN_CRIU_CONFIG);
+            std::fs::write(&conf, "skip-file-rwx-check\n")
+                .map_err(|e| Error::io(format!("writing {}", conf.display()), e))?;
+            criu_config::point_at(&mut config, &path, &conf)?;
         }
         if config != before {
             let text = serde_json::to_vec_pretty(&config)
@@ -194,8 +188,6 @@ impl RestorableBundle {
     }
 }
 
-/// The spec annotation runc reads for the CRIU configuration file of a checkpoint or restore.
-pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 /// The CRIU configuration [`RestorableBundle::fit_spec`] writes into the OCI bundle for a
 /// checkpoint another engine wrote.
 pub const FOREIGN_CRIU_CONFIG: &str = "kybernate-criu.conf";
@@ -539,7 +531,7 @@ pub fn restore_container_bundle(
         console_socket: target.console_socket.clone(),
         no_pivot: target.no_pivot,
         lazy_pages: bundle.lazy.is_some(),
-        restore_gate: None,
+        env: Vec::new(),
     };
     let feed = bundle.feed.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (server, finished) = match (&bundle.lazy, feed) {
@@ -564,7 +556,7 @@ pub fn restore_container_bundle(
         }
         (None, _) => None,
     };
-    let req = ContainerRestore { restore_gate: gate.as_ref().map(|g| g.dir().to_path_buf()), ..req };
+    let req = ContainerRestore { env: gate.iter().map(RestoreGate::env).collect(), ..req };
     let restored = restore_container(runc, criu, &req, stdio);
     let restored = match gate {
         Some(gate) => through_gate(runc, &req, gate, restored),

@@ -23,9 +23,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use serde_json::Value;
-
-use super::restore::CRIU_CONFIG_ANNOTATION;
+use super::criu_config;
 use crate::bundle::{self, DeferredHashes};
 use crate::error::{Error, Result};
 
@@ -136,10 +134,7 @@ impl RestoreGate {
         let spec_path = oci_bundle.join("config.json");
         let mut spec = super::mounts::read_json(&spec_path)?;
         let config = oci_bundle.join(GATE_CRIU_CONFIG);
-        let named = spec
-            .pointer(&format!("/annotations/{}", CRIU_CONFIG_ANNOTATION.replace('/', "~1")))
-            .and_then(Value::as_str)
-            .map(PathBuf::from);
+        let named = criu_config::named(&spec);
         let base_path = named.clone().unwrap_or_else(|| PathBuf::from(RUNC_DEFAULT_CRIU_CONFIG));
         let script_line = format!("action-script {}", program.display());
         let base = match std::fs::read_to_string(&base_path) {
@@ -156,7 +151,7 @@ impl RestoreGate {
             bundle::Durability::Unsynced,
         )?;
         if named.as_deref() != Some(config.as_path()) {
-            set_criu_config(&mut spec, &spec_path, &config)?;
+            criu_config::point_at(&mut spec, &spec_path, &config)?;
             let text = serde_json::to_vec_pretty(&spec)
                 .map_err(|e| Error::Bundle { path: spec_path.clone(), reason: format!("encoding the spec: {e}") })?;
             bundle::write_atomically(oci_bundle, "config.json", &text, bundle::Durability::Unsynced)?;
@@ -194,9 +189,14 @@ impl RestoreGate {
         Ok(RestoreGate { dir, hashing, config, base })
     }
 
-    /// The gate's directory, which `runc restore` must have in [`GATE_ENV`].
+    /// The gate's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The environment `runc restore` needs for the gate: [`GATE_ENV`] naming its directory.
+    pub fn env(&self) -> (String, PathBuf) {
+        (GATE_ENV.to_string(), self.dir.clone())
     }
 
     /// Waits for the hashing, puts the CRIU configuration back as it was (so later dumps run no
@@ -221,23 +221,11 @@ impl RestoreGate {
     }
 }
 
-/// Points the spec's `org.criu.config` annotation at `config`.
-fn set_criu_config(spec: &mut Value, spec_path: &Path, config: &Path) -> Result<()> {
-    let annotations = spec
-        .as_object_mut()
-        .map(|spec| spec.entry("annotations").or_insert_with(|| serde_json::json!({})))
-        .and_then(Value::as_object_mut)
-        .ok_or_else(|| Error::Bundle {
-            path: spec_path.to_path_buf(),
-            reason: "it is not an OCI spec object".into(),
-        })?;
-    annotations.insert(CRIU_CONFIG_ANNOTATION.into(), config.display().to_string().into());
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::criu_config::CRIU_CONFIG_ANNOTATION;
     use super::*;
+    use serde_json::Value;
 
     fn oci_bundle(annotations: Value) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

@@ -30,9 +30,9 @@ pub struct ContainerRestore {
     /// Restore memory lazily (`--lazy-pages`): a `criu lazy-pages` daemon must listen in the work
     /// directory (see [`crate::criu::lazy_pages`]).
     pub lazy_pages: bool,
-    /// The directory of a restore gate ([`crate::container::restore_gate`]), handed to CRIU's action
-    /// script in its environment.
-    pub restore_gate: Option<PathBuf>,
+    /// Extra environment for runc, which the CRIU it runs and CRIU's action scripts inherit (a
+    /// restore gate's directory).
+    pub env: Vec<(String, PathBuf)>,
 }
 
 /// Restores a container with `runc restore --detach`; returns once it runs.
@@ -84,9 +84,7 @@ pub fn restore_container(runc: &Runc, criu: &Criu, req: &ContainerRestore, stdio
     if req.lazy_pages {
         cmd.arg("--lazy-pages");
     }
-    if let Some(gate) = &req.restore_gate {
-        cmd.env(crate::container::restore_gate::GATE_ENV, gate);
-    }
+    cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
     cmd.arg(&req.id);
     stdio.apply(&mut cmd);
     let offset = runc.log_offset();
