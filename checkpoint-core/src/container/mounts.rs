@@ -144,6 +144,15 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// Writes `spec` as the OCI bundle's `config.json`, atomically (runc reads it at create or restore).
+pub(crate) fn write_spec(oci_bundle: &Path, spec: &Value) -> Result<()> {
+    let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::Bundle {
+        path: oci_bundle.join("config.json"),
+        reason: format!("encoding the new spec: {e}"),
+    })?;
+    crate::bundle::write_atomically(oci_bundle, "config.json", &text, crate::bundle::Durability::Unsynced)
+}
+
 fn mounts(spec: &Value) -> impl Iterator<Item = &Value> {
     spec.get("mounts").and_then(Value::as_array).into_iter().flatten()
 }

@@ -180,9 +180,7 @@ impl RestorableBundle {
             criu_config::point_at(&mut config, &path, &conf)?;
         }
         if config != before {
-            let text = serde_json::to_vec_pretty(&config)
-                .map_err(|e| Error::Bundle { path: path.clone(), reason: format!("encoding the new spec: {e}") })?;
-            bundle::write_atomically(oci_bundle, "config.json", &text, bundle::Durability::Unsynced)?;
+            super::mounts::write_spec(oci_bundle, &config)?;
         }
         Ok(mapped)
     }
@@ -518,10 +516,22 @@ pub fn restore_container_bundle(
     target: &RestoreTarget,
     stdio: ChildStdio,
 ) -> Result<Restored> {
+    let image_dir = bundle.image_dir();
+    let gate = match (&bundle.held, &target.gate_program) {
+        (Some(pages), Some(program)) => {
+            let work_dir = crate::fsutil::work_dir_or(&target.work_dir, &image_dir);
+            Some(RestoreGate::arm(&target.bundle, &work_dir, program, pages.clone())?)
+        }
+        (Some(pages), None) => {
+            pages.verify()?;
+            None
+        }
+        (None, _) => None,
+    };
     let req = ContainerRestore {
         id: target.id.clone(),
         bundle: target.bundle.clone(),
-        image_dir: bundle.image_dir(),
+        image_dir,
         options: RestoreOptions {
             work_dir: target.work_dir.clone(),
             timeout: target.timeout,
@@ -531,7 +541,7 @@ pub fn restore_container_bundle(
         console_socket: target.console_socket.clone(),
         no_pivot: target.no_pivot,
         lazy_pages: bundle.lazy.is_some(),
-        env: Vec::new(),
+        env: gate.iter().map(RestoreGate::env).collect(),
     };
     let feed = bundle.feed.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (server, finished) = match (&bundle.lazy, feed) {
@@ -545,18 +555,6 @@ pub fn restore_container_bundle(
         }
         (None, _) => (None, None),
     };
-    let gate = match (&bundle.held, &target.gate_program) {
-        (Some(pages), Some(program)) => {
-            let work_dir = crate::fsutil::work_dir_or(&target.work_dir, &req.image_dir);
-            Some(RestoreGate::arm(&target.bundle, &work_dir, program, pages.clone())?)
-        }
-        (Some(pages), None) => {
-            pages.verify()?;
-            None
-        }
-        (None, _) => None,
-    };
-    let req = ContainerRestore { env: gate.iter().map(RestoreGate::env).collect(), ..req };
     let restored = restore_container(runc, criu, &req, stdio);
     let restored = match gate {
         Some(gate) => through_gate(runc, &req, gate, restored),

@@ -152,9 +152,7 @@ impl RestoreGate {
         )?;
         if named.as_deref() != Some(config.as_path()) {
             criu_config::point_at(&mut spec, &spec_path, &config)?;
-            let text = serde_json::to_vec_pretty(&spec)
-                .map_err(|e| Error::Bundle { path: spec_path.clone(), reason: format!("encoding the spec: {e}") })?;
-            bundle::write_atomically(oci_bundle, "config.json", &text, bundle::Durability::Unsynced)?;
+            super::mounts::write_spec(oci_bundle, &spec)?;
         }
 
         let dir = work_dir.join("restore-gate");

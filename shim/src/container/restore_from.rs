@@ -59,10 +59,8 @@ pub(super) struct Restoring<'a> {
     /// Whether the restore is lazy where the node and bundle allow it (`kybernate.io/restore-mode`,
     /// else the config's `restore_mode`).
     pub lazy: bool,
-    /// Whether a full restore's page images are verified while CRIU restores them, the tasks held
-    /// until they match (a mismatch fails the Start): unless `kybernate.io/restore-policy:
-    /// fallback-fresh`, which needs every hash checked at Create to start fresh instead.
-    pub hold: bool,
+    /// `kybernate.io/restore-policy`, if set.
+    pub policy: Option<RestorePolicy>,
 }
 
 impl<'a> Restoring<'a> {
@@ -75,8 +73,15 @@ impl<'a> Restoring<'a> {
             ..Default::default()
         };
         let lazy = crate::annotations::restore_mode(spec, config)? == RestoreMode::Lazy;
-        let hold = restore_policy(spec)? != Some(RestorePolicy::FallbackFresh);
-        Ok(Restoring { target: Tenant::of(&identity), reference, grant: spec.annotation(RESTORE_GRANT), lazy, hold })
+        let policy = restore_policy(spec)?;
+        Ok(Restoring { target: Tenant::of(&identity), reference, grant: spec.annotation(RESTORE_GRANT), lazy, policy })
+    }
+
+    /// Whether a full restore's page images are verified while CRIU restores them, the tasks held
+    /// until they match (a mismatch fails the Start): unless `kybernate.io/restore-policy:
+    /// fallback-fresh`, which needs every hash checked at Create to start fresh instead.
+    fn hold(&self) -> bool {
+        self.policy != Some(RestorePolicy::FallbackFresh)
     }
 }
 
@@ -113,8 +118,8 @@ pub fn resolve(
         tracing::info!(id, container = name, "{own}: none; starting fresh");
         return Ok(None);
     }
-    let policy = restore_policy(spec)?;
     let restoring = Restoring::new(spec, namespace, reference, config)?;
+    let policy = restoring.policy;
     let accept_partial = policy == Some(RestorePolicy::AllowPartial);
     let opened = match locate(reference, name, id, config, reaper, restoring.lazy.then_some(criu)) {
         Ok(Located::NotCovered(why)) => {
@@ -179,7 +184,7 @@ pub(super) fn open(
         trust: &trust,
         tenant: Some(tenant),
         lazy: restoring.lazy,
-        hold: restoring.hold,
+        hold: restoring.hold(),
     };
     Ok(open_container_bundle(dir, criu, &opts)?)
 }
